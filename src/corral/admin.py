@@ -1,0 +1,271 @@
+"""The admin API (``/api/v1/loadbalancer``): strategy, loads, backends, stats."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from corral.backends import BackendState
+from corral.config import validate_backend_url
+from corral.errors import DuplicateBackendError, UnknownBackendError, UnknownStrategyError
+from corral.runtime import Runtime
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def require_admin(request: Request) -> None:
+    """X-API-Key or Bearer must match the admin key; with no key set, loopback callers only."""
+    key: str | None = _runtime(request).admin_key
+    if key is None:
+        client = request.client.host if request.client else None
+        if not _is_loopback(client):
+            raise HTTPException(
+                403, "the admin API only answers loopback callers when no admin key is set"
+            )
+        return
+    given = request.headers.get("x-api-key")
+    if given is None:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer":
+            given = token.strip()
+    if given is None or not hmac.compare_digest(given.encode(), key.encode()):
+        raise HTTPException(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+router = APIRouter(prefix="/api/v1/loadbalancer", dependencies=[Depends(require_admin)])
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+
+
+class StrategyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strategy: str = Field(min_length=1, max_length=64)
+
+
+class BackendBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    url: str
+    max_concurrent: int = Field(4, ge=1, le=10_000)
+    weight: float | None = Field(None, gt=0)
+    gpu: int | str | None = None
+    fallback: bool = False
+    ttl_s: float | None = Field(None, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return validate_backend_url(value)
+
+
+class BackendPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["drain", "enable"] | None = None
+    weight: float | None = Field(None, gt=0)
+    max_concurrent: int | None = Field(None, ge=1, le=10_000)
+
+
+class HeartbeatBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl_s: float | None = Field(None, gt=0)
+
+
+def load_entry(runtime: Runtime, b: BackendState) -> dict[str, Any]:
+    now = time.monotonic()
+    return {
+        "instance_id": b.id,
+        "url": b.url,
+        "active_connections": b.in_flight,
+        "max_concurrent": b.max_concurrent,
+        "total_connections": b.total_requests,
+        "failures": b.total_failures,
+        "avg_response_time": b.avg_response_time,
+        "last_response_time": b.last_response_time,
+        "ttft_ewma_s": b.ttft.value,
+        "weight": runtime.router.weight_of(b),
+        "last_used": b.last_used,
+        "healthy": b.healthy,
+        "draining": b.draining,
+        "ejected": b.is_ejected(now),
+        "available": b.available(now),
+        "dynamic": b.dynamic,
+        "fallback": b.fallback,
+        "gpu": b.gpu,
+        "version": b.version,
+        "models": sorted(b.model_names),
+        "resident": sorted(b.resident),
+    }
+
+
+@router.get("/strategy")
+async def get_strategy(runtime: RuntimeDep) -> dict[str, str]:
+    return {"strategy": runtime.router.strategy_name}
+
+
+@router.put("/strategy")
+async def put_strategy(body: StrategyBody, runtime: RuntimeDep) -> dict[str, str]:
+    old = runtime.router.strategy_name
+    try:
+        runtime.set_strategy(body.strategy)
+    except UnknownStrategyError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return {"strategy": body.strategy, "message": f"strategy changed from {old} to {body.strategy}"}
+
+
+@router.get("/loads")
+async def loads(runtime: RuntimeDep) -> dict[str, Any]:
+    backends = runtime.registry.all()
+    return {
+        "strategy": runtime.router.strategy_name,
+        "count": len(backends),
+        "loads": {b.id: load_entry(runtime, b) for b in backends},
+    }
+
+
+@router.get("/load")
+async def load(
+    runtime: RuntimeDep, instance_id: Annotated[str, Query(min_length=1)]
+) -> dict[str, Any]:
+    try:
+        return load_entry(runtime, runtime.registry.get(instance_id))
+    except UnknownBackendError as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+@router.get("/backends")
+async def list_backends(runtime: RuntimeDep) -> dict[str, Any]:
+    return {"backends": [load_entry(runtime, b) for b in runtime.registry.all()]}
+
+
+@router.post("/backends", status_code=201)
+async def add_backend(body: BackendBody, runtime: RuntimeDep) -> dict[str, Any]:
+    backend = BackendState(
+        id=body.id,
+        url=body.url,
+        max_concurrent=body.max_concurrent,
+        weight=body.weight,
+        gpu=body.gpu,
+        fallback=body.fallback,
+        dynamic=body.ttl_s is not None,
+        expires_at=time.monotonic() + body.ttl_s if body.ttl_s else None,
+    )
+    try:
+        runtime.registry.add(backend)
+    except DuplicateBackendError as exc:
+        raise HTTPException(409, str(exc)) from None
+    await runtime.health.probe(backend)
+    return load_entry(runtime, backend)
+
+
+@router.patch("/backends/{backend_id}")
+async def patch_backend(backend_id: str, body: BackendPatch, runtime: RuntimeDep) -> dict[str, Any]:
+    if body.action is None and body.weight is None and body.max_concurrent is None:
+        raise HTTPException(400, "nothing to change: give action (drain|enable), weight or max_concurrent")
+    try:
+        backend = runtime.registry.get(backend_id)
+        if body.action == "drain":
+            runtime.registry.drain(backend_id)
+        elif body.action == "enable":
+            runtime.registry.enable(backend_id)
+        if body.weight is not None:
+            backend.weight = body.weight
+        if body.max_concurrent is not None:
+            backend.max_concurrent = body.max_concurrent
+            runtime.registry.notify()
+    except UnknownBackendError as exc:
+        raise HTTPException(404, str(exc)) from None
+    return load_entry(runtime, backend)
+
+
+@router.delete("/backends/{backend_id}")
+async def remove_backend(backend_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+    try:
+        backend = runtime.registry.remove(backend_id)
+    except UnknownBackendError as exc:
+        raise HTTPException(404, str(exc)) from None
+    runtime.metrics.forget_backend(backend_id)
+    return {"removed": backend.id, "in_flight": backend.in_flight}
+
+
+@router.post("/backends/{backend_id}/heartbeat")
+async def heartbeat(
+    backend_id: str, runtime: RuntimeDep, body: HeartbeatBody | None = None
+) -> dict[str, Any]:
+    try:
+        backend = runtime.registry.get(backend_id)
+    except UnknownBackendError as exc:
+        raise HTTPException(404, str(exc)) from None
+    if not backend.dynamic:
+        raise HTTPException(400, f"backend {backend_id!r} is static (from the config); no heartbeat needed")
+    ttl = body.ttl_s if body and body.ttl_s else runtime.default_ttl(backend)
+    runtime.registry.heartbeat(backend_id, ttl)
+    return {"instance_id": backend_id, "ttl_s": ttl}
+
+
+@router.get("/stats")
+async def stats(runtime: RuntimeDep) -> dict[str, Any]:
+    now = time.monotonic()
+    backends = runtime.registry.all()
+    usable = [b for b in backends if b.available(now)]
+    capacity = sum(b.max_concurrent for b in usable)
+    current = sum(b.in_flight for b in backends)
+    return {
+        "strategy": runtime.router.strategy_name,
+        "backends": len(backends),
+        "healthy": len(usable),
+        "total_capacity": capacity,
+        "current_load": current,
+        "utilization": round(current / capacity, 4) if capacity else 0.0,
+        "queued": runtime.admission.queued,
+        "retried": int(sum(s.value for s in _samples(runtime, "corral_retries_total"))),
+    }
+
+
+def _samples(runtime: Runtime, name: str) -> list[Any]:
+    found = []
+    for family in runtime.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                found.append(sample)
+    return found
+
+
+def health_routes() -> APIRouter:
+    """``/healthz``, ``/readyz`` and ``/metrics``: no admin key needed."""
+    plain = APIRouter()
+
+    @plain.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @plain.get("/readyz")
+    async def readyz(runtime: RuntimeDep, response: Response) -> dict[str, Any]:
+        now = time.monotonic()
+        healthy = sum(b.available(now) for b in runtime.registry.all())
+        if runtime.draining or healthy == 0:
+            response.status_code = 503
+            return {"status": "draining" if runtime.draining else "no healthy backend", "healthy": healthy}
+        return {"status": "ready", "healthy": healthy}
+
+    @plain.get("/metrics")
+    async def metrics(runtime: RuntimeDep) -> Response:
+        return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
+
+    return plain

@@ -1,0 +1,87 @@
+"""create_app: the ASGI application (lean Ollama front + FastAPI admin), with its lifespan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corral import __version__
+from corral.admin import health_routes, router
+from corral.config import Settings
+from corral.ollama_routes import OllamaFront
+from corral.proxy import Receive, Scope, Send
+from corral.runtime import Runtime
+from corral.upstream import Upstream
+
+
+def _build_fastapi(runtime: Runtime) -> FastAPI:
+    api = FastAPI(
+        title="corral",
+        version=__version__,
+        description="Admin API of corral, an Ollama-compatible load balancer.",
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    api.state.runtime = runtime
+    api.include_router(router)
+    api.include_router(health_routes())
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        # Outside the admin API, unknown paths look exactly like Ollama's.
+        if not request.url.path.startswith("/api/v1/loadbalancer"):
+            if exc.status_code == 404:
+                return PlainTextResponse("404 page not found", 404)
+            if exc.status_code == 405:
+                return PlainTextResponse("405 method not allowed", 405)
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    return api
+
+
+class CorralApp:
+    """The ASGI callable uvicorn serves."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.api = _build_fastapi(runtime)
+        self.front = OllamaFront(
+            fallback=self.api,
+            forwarder=runtime.forwarder,
+            registry=runtime.registry,
+            upstream=runtime.upstream,
+            metrics=runtime.metrics,
+            max_body_bytes=int(runtime.settings.server.max_body_mb * 1_000_000),
+            aggregate_timeout_s=runtime.settings.health.timeout_s + 3,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self.front(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.runtime.start()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.runtime.draining = True
+                await self.runtime.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(settings: Settings, *, upstream: Upstream | None = None) -> CorralApp:
+    """Build corral's ASGI app; background tasks start with the ASGI lifespan."""
+    return CorralApp(Runtime(settings, upstream=upstream))

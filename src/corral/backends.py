@@ -1,0 +1,222 @@
+"""Backends, their live state, and the registry that owns them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.config import BackendSettings
+from corral.errors import DuplicateBackendError, UnknownBackendError
+from corral.strategies.base import Candidate
+from corral.strategies.ewma import PeakEwma
+
+Clock = Callable[[], float]
+
+
+def normalize_model(name: str) -> str:
+    """Ollama's matching key: lower-case, ``:latest`` when no tag is given."""
+    name = name.strip().lower()
+    last = name.rsplit("/", 1)[-1]
+    if ":" not in last:
+        name += ":latest"
+    return name
+
+
+@dataclass
+class BackendState:
+    """One Ollama instance (one GPU) and everything corral has learned about it."""
+
+    id: str
+    url: str
+    max_concurrent: int = 4
+    weight: float | None = None
+    gpu: int | str | None = None
+    fallback: bool = False
+    dynamic: bool = False
+    expires_at: float | None = None  # monotonic deadline for dynamic backends
+
+    healthy: bool = False
+    probed: bool = False
+    draining: bool = False
+    ejected_until: float = 0.0
+    ejections: int = 0
+    consecutive_probe_failures: int = 0
+    consecutive_probe_successes: int = 0
+    consecutive_errors: int = 0
+    version: str | None = None
+
+    in_flight: int = 0
+    total_requests: int = 0
+    total_failures: int = 0
+    last_response_time: float | None = None
+    avg_response_time: float | None = None
+    last_used: float | None = None  # wall clock
+    models: set[str] = field(default_factory=set)
+    model_names: list[str] = field(default_factory=list)  # as the backend spells them
+    resident: dict[str, dict[str, Any]] = field(default_factory=dict)  # from /api/ps
+    ttft: PeakEwma = field(default_factory=PeakEwma)
+    outcomes: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=1000))
+    probe_history: deque[bool] = field(default_factory=lambda: deque(maxlen=20))
+
+    @classmethod
+    def from_settings(cls, cfg: BackendSettings) -> BackendState:
+        return cls(
+            id=cfg.id,
+            url=cfg.url,
+            max_concurrent=cfg.max_concurrent,
+            weight=cfg.weight,
+            gpu=cfg.gpu,
+            fallback=cfg.fallback,
+        )
+
+    def is_ejected(self, now: float) -> bool:
+        return self.ejected_until > now
+
+    def available(self, now: float) -> bool:
+        """Takes new requests: healthy, not draining, not ejected."""
+        return self.healthy and not self.draining and self.ejected_until <= now
+
+    def has_model(self, key: str) -> bool:
+        return key in self.models
+
+    def success_rate(self, now: float, window_s: float) -> float:
+        total = bad = 0
+        for at, ok in reversed(self.outcomes):
+            if now - at > window_s:
+                break
+            total += 1
+            bad += not ok
+        return 1.0 if total == 0 else (total - bad) / total
+
+    def error_stats(self, now: float, window_s: float) -> tuple[int, int]:
+        total = bad = 0
+        for at, ok in reversed(self.outcomes):
+            if now - at > window_s:
+                break
+            total += 1
+            bad += not ok
+        return total, bad
+
+    def candidate(self, weight: float) -> Candidate:
+        availability = (
+            sum(self.probe_history) / len(self.probe_history) if self.probe_history else 1.0
+        )
+        total = len(self.outcomes)
+        success = 1.0 if total == 0 else sum(ok for _, ok in self.outcomes) / total
+        return Candidate(
+            id=self.id,
+            weight=weight,
+            in_flight=self.in_flight,
+            max_concurrent=self.max_concurrent,
+            total_requests=self.total_requests,
+            ewma_ttft_s=self.ttft.value,
+            success_rate=success,
+            availability=availability,
+        )
+
+
+class BackendRegistry:
+    """Owns the backends; counts in-flight requests through :meth:`lease`."""
+
+    def __init__(self, backends: Iterable[BackendState] = (), *, clock: Clock = time.monotonic):
+        self._backends: dict[str, BackendState] = {}
+        self._clock = clock
+        # Set whenever a slot frees or the fleet changes, so queued requests re-check.
+        self.changed = asyncio.Event()
+        self._listeners: list[Callable[[str, BackendState | None], None]] = []
+        for backend in backends:
+            self.add(backend)
+
+    def on_change(self, listener: Callable[[str, BackendState | None], None]) -> None:
+        """Call ``listener(event, backend)`` on add/remove/update."""
+        self._listeners.append(listener)
+
+    def _emit(self, event: str, backend: BackendState | None) -> None:
+        for listener in self._listeners:
+            listener(event, backend)
+        self.notify()
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def __iter__(self) -> Any:
+        return iter(list(self._backends.values()))
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def all(self) -> list[BackendState]:
+        return list(self._backends.values())
+
+    def ids(self) -> list[str]:
+        return list(self._backends)
+
+    def get(self, backend_id: str) -> BackendState:
+        try:
+            return self._backends[backend_id]
+        except KeyError:
+            raise UnknownBackendError(backend_id) from None
+
+    def add(self, backend: BackendState) -> BackendState:
+        if backend.id in self._backends:
+            raise DuplicateBackendError(backend.id)
+        self._backends[backend.id] = backend
+        self._emit("added", backend)
+        return backend
+
+    def remove(self, backend_id: str) -> BackendState:
+        backend = self.get(backend_id)
+        del self._backends[backend_id]
+        self._emit("removed", backend)
+        return backend
+
+    def drain(self, backend_id: str) -> BackendState:
+        backend = self.get(backend_id)
+        backend.draining = True
+        self._emit("updated", backend)
+        return backend
+
+    def enable(self, backend_id: str) -> BackendState:
+        backend = self.get(backend_id)
+        backend.draining = False
+        backend.ejected_until = 0.0
+        self._emit("updated", backend)
+        return backend
+
+    def heartbeat(self, backend_id: str, ttl_s: float | None = None) -> BackendState:
+        backend = self.get(backend_id)
+        if backend.dynamic:
+            ttl = ttl_s if ttl_s is not None else 0.0
+            if ttl > 0:
+                backend.expires_at = self._clock() + ttl
+        return backend
+
+    def expire(self) -> list[str]:
+        """Remove dynamic backends whose heartbeat deadline passed; return their ids."""
+        now = self._clock()
+        gone = [
+            b.id
+            for b in self._backends.values()
+            if b.dynamic and b.expires_at is not None and b.expires_at <= now and b.in_flight == 0
+        ]
+        for backend_id in gone:
+            self.remove(backend_id)
+        return gone
+
+    @asynccontextmanager
+    async def lease(self, backend: BackendState) -> AsyncIterator[BackendState]:
+        """Count one in-flight request on ``backend`` for the duration of the block."""
+        backend.in_flight += 1
+        backend.total_requests += 1
+        backend.last_used = time.time()
+        try:
+            yield backend
+        finally:
+            backend.in_flight -= 1
+            self.notify()

@@ -1,0 +1,220 @@
+"""The ``corral`` command line (typer)."""
+
+from __future__ import annotations
+
+import json
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from corral import __version__
+from corral.config import Settings, load_config
+from corral.errors import ConfigError
+
+app = typer.Typer(
+    name="corral",
+    help="corral: an Ollama-compatible load balancer for GPU fleets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file.", envvar="CORRAL_CONFIG")
+]
+UrlOpt = Annotated[
+    str, typer.Option("--url", envvar="CORRAL_URL", help="URL of a running corral.")
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--admin-key", envvar="CORRAL_ADMIN_KEY", help="Admin key.", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+DEFAULT_URL = "http://127.0.0.1:11434"
+
+
+def _load(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+    try:
+        return load_config(config, overrides=overrides)
+    except ConfigError as exc:
+        for line in exc.problems:
+            err.print(f"config error: {line}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.callback(invoke_without_command=True)
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    if version:
+        console.print(f"corral {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (server.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (server.port).")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Strategy (balancer.strategy).")] = None,
+) -> None:
+    """Run corral in front of the backends of the config."""
+    overrides: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    if host is not None:
+        server["host"] = host
+    if port is not None:
+        server["port"] = port
+    if server:
+        overrides["server"] = server
+    if strategy is not None:
+        overrides["balancer"] = {"strategy": strategy}
+    settings = _load(config, overrides)
+    from corral.server import run_server
+
+    if not settings.backends:
+        err.print("warning: no [[backends]] configured; add some or POST them to the admin API")
+    run_server(settings)
+
+
+@app.command("check-config")
+def check_config(
+    file: Annotated[Path, typer.Argument(help="The TOML file to validate.")],
+) -> None:
+    """Validate a config file without starting; exit 2 with one line per problem."""
+    settings = _load(file)
+    console.print(
+        f"ok: {len(settings.backends)} backend(s), strategy {settings.balancer.strategy}, "
+        f"listening on {settings.server.host}:{settings.server.port}",
+        highlight=False,
+    )
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="Port for corral.")] = 11434,
+    strategy: Annotated[str, typer.Option(help="Strategy.")] = "least_connections",
+) -> None:
+    """Run corral in front of two simulated GPUs (a fast one and a slow one)."""
+    from corral.demo import run_demo
+
+    run_demo(port=port, strategy=strategy)
+
+
+def _register_sim() -> None:
+    try:
+        from corral.sim.cli import sim_command
+    except ImportError:  # pragma: no cover - transitional
+        return
+
+    app.command("sim", help="Run a simulated Ollama server (one simulated GPU).")(sim_command)
+
+
+_register_sim()
+
+
+# Client commands ---------------------------------------------------------------------------
+
+
+def _client(url: str, key: str | None) -> httpx.Client:
+    headers = {"X-API-Key": key} if key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=10.0)
+
+
+def _call(url: str, key: str | None, method: str, path: str, body: Any = None) -> Any:
+    try:
+        with _client(url, key) as client:
+            resp = client.request(method, path, json=body)
+    except httpx.HTTPError as exc:
+        err.print(f"error: cannot reach corral at {url}: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except ValueError:
+            detail = resp.text
+        if isinstance(detail, list):
+            detail = "; ".join(str(d.get("msg", d)) for d in detail)
+        err.print(f"error: {resp.status_code}: {detail}", markup=False)
+        raise typer.Exit(1)
+    return resp.json()
+
+
+def _fmt_s(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+
+
+def load_table(data: dict[str, Any]) -> Table:
+    """The load table ``corral status`` prints."""
+    table = Table(title=f"corral: strategy {data.get('strategy')}", title_justify="left")
+    for col in ("backend", "state", "in flight", "total", "failures", "ttft", "avg", "weight", "url"):
+        table.add_column(col, justify="right" if col in {"in flight", "total", "failures", "ttft", "avg", "weight"} else "left")
+    for bid, e in sorted(data.get("loads", {}).items()):
+        if not e.get("healthy"):
+            state = "[red]down[/red]"
+        elif e.get("draining"):
+            state = "[yellow]draining[/yellow]"
+        elif e.get("ejected"):
+            state = "[red]ejected[/red]"
+        else:
+            state = "[green]up[/green]"
+        table.add_row(
+            bid,
+            state,
+            f"{e.get('active_connections', 0)}/{e.get('max_concurrent', '?')}",
+            str(e.get("total_connections", 0)),
+            str(e.get("failures", 0)),
+            _fmt_s(e.get("ttft_ewma_s")),
+            _fmt_s(e.get("avg_response_time")),
+            f"{e.get('weight', 1.0):g}",
+            str(e.get("url", "")),
+        )
+    return table
+
+
+@app.command()
+def status(url: UrlOpt = DEFAULT_URL, admin_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the load table of a running corral."""
+    data = _call(url, admin_key, "GET", "/api/v1/loadbalancer/loads")
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    console.print(load_table(data))
+
+
+@app.command()
+def strategy(
+    name: Annotated[str | None, typer.Argument(help="New strategy; omit to show the current one.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    admin_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show or switch the balancing strategy at runtime."""
+    if name is None:
+        data = _call(url, admin_key, "GET", "/api/v1/loadbalancer/strategy")
+    else:
+        data = _call(url, admin_key, "PUT", "/api/v1/loadbalancer/strategy", {"strategy": name})
+    if as_json:
+        print(json.dumps(data))
+    else:
+        console.print(data.get("message") or data["strategy"], highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="corral")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())  # type: ignore[func-returns-value]
+

@@ -1,0 +1,245 @@
+"""Settings: a TOML file plus ``CORRAL_`` environment overrides, validated in one place."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from corral.errors import ConfigError
+
+# Keys that hold secrets: accepted from the environment or a file, never from the TOML.
+_SECRET_KEYS = ("admin_key", "client_keys")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(11434, ge=1, le=65535)
+    max_body_mb: float = Field(20, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    drain_timeout_s: float = Field(60, ge=0)
+
+
+class BalancerSettings(_Section):
+    strategy: str = "least_connections"
+    model_affinity: bool = True
+    max_attempts: int = Field(3, ge=1, le=10)
+    retry_budget_ratio: float = Field(0.2, ge=0, le=1)
+    retry_budget_min: int = Field(3, ge=0)
+    score_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from corral.strategies import strategy_names
+
+        known = strategy_names()
+        if value not in known:
+            raise ValueError(f"unknown strategy {value!r}; known: {', '.join(known)}")
+        return value
+
+
+class HealthSettings(_Section):
+    interval_s: float = Field(5, gt=0)
+    timeout_s: float = Field(2, gt=0)
+    fall: int = Field(3, ge=1)
+    rise: int = Field(2, ge=1)
+    backoff_max_s: float = Field(30, gt=0)
+    error_rate_threshold: float = Field(0.5, gt=0, le=1)
+    error_window_s: float = Field(30, gt=0)
+    error_min_requests: int = Field(10, ge=1)
+    consecutive_errors: int = Field(3, ge=1)
+    ejection_s: float = Field(30, gt=0)
+    max_ejection_s: float = Field(300, gt=0)
+
+
+class TimeoutSettings(_Section):
+    connect_s: float = Field(3, gt=0)
+    first_token_s: float = Field(300, gt=0)
+    idle_s: float = Field(120, gt=0)
+
+
+class QueueSettings(_Section):
+    max_size: int = Field(512, ge=0)
+    timeout_s: float = Field(60, gt=0)
+
+
+class GpuSettings(_Section):
+    enabled: bool = True
+    poll_s: float = Field(2, gt=0)
+    max_temp_c: float = Field(85, gt=0)
+
+
+class AuthSettings(_Section):
+    admin_key_file: Path | None = None
+    client_keys_file: Path | None = None
+    model_management: Literal["admin", "clients"] = "admin"
+
+
+class BackendSettings(_Section):
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    url: str
+    gpu: int | str | None = None
+    weight: float | None = Field(None, gt=0)
+    max_concurrent: int = Field(4, ge=1)
+    fallback: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        return validate_backend_url(value)
+
+
+def validate_backend_url(value: str) -> str:
+    """Accept ``http(s)://host[:port]`` (an optional path prefix is kept); raise ValueError."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {value!r}: expected http://host:port")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {value!r}: bad port") from exc
+    return value.strip().rstrip("/")
+
+
+class Settings(BaseSettings):
+    """Everything corral reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CORRAL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    server: ServerSettings = ServerSettings()
+    balancer: BalancerSettings = BalancerSettings()
+    health: HealthSettings = HealthSettings()
+    timeouts: TimeoutSettings = TimeoutSettings()
+    queue: QueueSettings = QueueSettings()
+    gpu: GpuSettings = GpuSettings()
+    auth: AuthSettings = AuthSettings()
+    backends: list[BackendSettings] = []
+    # Secrets: environment (CORRAL_ADMIN_KEY, CORRAL_CLIENT_KEYS) or [auth] files only.
+    admin_key: SecretStr | None = None
+    client_keys: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _unique_backend_ids(self) -> Settings:
+        seen: set[str] = set()
+        for backend in self.backends:
+            if backend.id in seen:
+                raise ValueError(f"duplicate backend id {backend.id!r}")
+            seen.add(backend.id)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+    def resolved_admin_key(self) -> str | None:
+        """The admin key from the environment, else from ``auth.admin_key_file``."""
+        if self.admin_key is not None and self.admin_key.get_secret_value():
+            return self.admin_key.get_secret_value()
+        if self.auth.admin_key_file is not None:
+            text = self.auth.admin_key_file.read_text().strip()
+            return text or None
+        return None
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "config"
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One readable line per problem."""
+    lines: list[str] = []
+    for err in exc.errors():
+        loc = _format_loc(tuple(err.get("loc", ())))
+        if err.get("type") == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+            continue
+        msg = str(err.get("msg", "invalid value"))
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return lines
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Settings:
+    """Read ``path`` (TOML), apply ``CORRAL_*`` env and explicit overrides; raise ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            with file.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError([f"{file}: no such file"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{file}: invalid TOML: {exc}"]) from None
+        except OSError as exc:
+            raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    problems = [
+        f"{key}: secrets are not read from the config file; "
+        f"use CORRAL_{key.upper()} or auth.{key}_file"
+        for key in _SECRET_KEYS
+        if key in data
+    ]
+    if problems:
+        raise ConfigError(problems)
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict):
+            merged = dict(data.get(section) or {})
+            merged.update(values)
+            data[section] = merged
+        else:
+            data[section] = values
+    saved_env = None
+    if env is not None:
+        saved_env = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    finally:
+        if saved_env is not None:
+            os.environ.clear()
+            os.environ.update(saved_env)
+    _check_files(settings)
+    return settings
+
+
+def _check_files(settings: Settings) -> None:
+    problems = []
+    for name in ("admin_key_file", "client_keys_file"):
+        file: Path | None = getattr(settings.auth, name)
+        if file is not None and not file.is_file():
+            problems.append(f"auth.{name}: {file}: no such file")
+    if problems:
+        raise ConfigError(problems)

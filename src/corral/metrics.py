@@ -1,0 +1,94 @@
+"""Every Prometheus metric corral exports, on one explicit registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Request latency spans milliseconds (embeddings) to minutes (long generations, cold loads).
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The metric families; label values stay bounded (backend ids, routes, known models)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "corral_requests",
+            "Proxied requests by backend, route, model and status code.",
+            ["backend", "route", "model", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "corral_request_duration_seconds",
+            "Time from request to the last byte of the response.",
+            ["backend", "route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "corral_time_to_first_token_seconds",
+            "Time from request to the first response byte from the backend.",
+            ["backend", "route"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "corral_tokens_generated",
+            "Tokens generated, from Ollama's eval_count (OpenAI usage.completion_tokens).",
+            ["backend", "model"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "corral_backend_in_flight",
+            "Requests being served by each backend right now.",
+            ["backend"],
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "corral_backend_up", "1 when the backend takes requests, else 0.", ["backend"], registry=r
+        )
+        self.transitions = Counter(
+            "corral_backend_health_transitions",
+            "Health state changes per backend (to: up, down, ejected).",
+            ["backend", "to"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "corral_retries",
+            "Requests retried on another backend, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.strategy_info = Gauge(
+            "corral_strategy_info", "The active strategy (value 1).", ["strategy"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "corral_queue_depth", "Requests waiting for a free slot.", ["priority"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "corral_queue_wait_seconds",
+            "Time requests waited for a free slot.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+
+    def set_strategy(self, name: str) -> None:
+        self.strategy_info.clear()
+        self.strategy_info.labels(strategy=name).set(1)
+
+    def forget_backend(self, backend_id: str) -> None:
+        """Drop per-backend gauge series of a removed backend."""
+        for gauge in (self.in_flight, self.backend_up):
+            try:
+                gauge.remove(backend_id)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,353 @@
+"""Forwarder: send a routed request upstream, stream it back, fail over before the first byte."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+
+from corral.admission import Admission
+from corral.backends import BackendRegistry, BackendState
+from corral.config import BalancerSettings
+from corral.errors import NoBackendError, RoutingError, UpstreamError
+from corral.health import HealthChecker
+from corral.metrics import Metrics
+from corral.upstream import TRANSPORT_ERRORS, Upstream
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = structlog.get_logger("corral.access")
+
+# Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus the ones
+# corral sets itself.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-request-id",
+        b"x-priority",
+        b"x-api-key",
+    }
+)
+_RESPONSE_SKIP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "date", "server"}
+)
+_EVAL_COUNT = re.compile(rb'"(?:eval_count|completion_tokens)":\s*(\d+)')
+_BUSY = b"server busy"
+
+
+@dataclass(slots=True)
+class RouteSpec:
+    """A routed endpoint: its metric label and how errors are shaped."""
+
+    name: str
+    openai: bool = False
+
+
+class RetryBudget:
+    """Envoy-style: concurrent retries stay under ``ratio`` of active requests (at least ``min``)."""
+
+    def __init__(self, ratio: float, minimum: int) -> None:
+        self.ratio = ratio
+        self.minimum = minimum
+        self.active = 0
+        self.retrying = 0
+
+    def allows(self) -> bool:
+        return self.retrying < max(self.minimum, self.ratio * self.active)
+
+
+class ClientGone(Exception):
+    """The client closed its connection."""
+
+
+def ndjson_error(message: str) -> bytes:
+    return json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
+
+
+def sse_error(message: str) -> bytes:
+    payload = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Forwarder:
+    """Places one request on a backend and relays the response unbuffered."""
+
+    def __init__(
+        self,
+        registry: BackendRegistry,
+        admission: Admission,
+        upstream: Upstream,
+        health: HealthChecker,
+        metrics: Metrics,
+        settings: BalancerSettings,
+    ) -> None:
+        self.registry = registry
+        self.admission = admission
+        self.upstream = upstream
+        self.health = health
+        self.metrics = metrics
+        self.settings = settings
+        self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
+
+    async def forward(
+        self,
+        send: Send,
+        *,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        model: str,
+        model_key: str | None,
+        route: RouteSpec,
+        request_id: str,
+        extra_headers: list[tuple[bytes, bytes]],
+    ) -> tuple[int, str | None, dict[str, Any]]:
+        """Serve the request; returns (status, backend id, log fields). Raises RoutingError
+        only while nothing has been sent to the client."""
+        started = time.perf_counter()
+        tried: list[str] = []
+        attempts = 0
+        retrying = False
+        budget = self.budget
+        budget.active += 1
+        last_error: RoutingError | None = None
+        try:
+            while attempts < self.settings.max_attempts:
+                try:
+                    backend = await self.admission.acquire(model, model_key, route.name, tried)
+                except RoutingError as exc:
+                    if last_error is not None and isinstance(exc, NoBackendError):
+                        raise last_error from None
+                    raise
+                attempts += 1
+                tried.append(backend.id)
+                outcome = await self._attempt(
+                    send, backend, method, path, headers, body, route, request_id,
+                    extra_headers, started, can_retry=attempts < self.settings.max_attempts,
+                )
+                if isinstance(outcome, tuple):
+                    status, fields = outcome
+                    fields["attempts"] = attempts
+                    return status, backend.id, fields
+                # A retryable failure before any byte reached the client.
+                last_error = outcome
+                if attempts >= self.settings.max_attempts or not budget.allows():
+                    break
+                if not retrying:
+                    retrying = True
+                    budget.retrying += 1
+                self.metrics.retries.labels(reason=_reason(outcome)).inc()
+            assert last_error is not None
+            raise last_error
+        finally:
+            budget.active -= 1
+            if retrying:
+                budget.retrying -= 1
+
+    async def _attempt(
+        self,
+        send: Send,
+        backend: BackendState,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        route: RouteSpec,
+        request_id: str,
+        extra_headers: list[tuple[bytes, bytes]],
+        started: float,
+        *,
+        can_retry: bool,
+    ) -> tuple[int, dict[str, Any]] | RoutingError:
+        metrics = self.metrics
+        in_flight = metrics.in_flight.labels(backend=backend.id)
+        async with self.registry.lease(backend):
+            in_flight.inc()
+            resp: aiohttp.ClientResponse | None = None
+            try:
+                try:
+                    resp = await self.upstream.open(method, backend.url + path, headers, body)
+                except TimeoutError:
+                    # Sent but no answer in first_token_s: retrying would double GPU work.
+                    self.health.record_result(backend, False)
+                    return _Timeout(f"backend {backend.id} did not answer in time", 504)
+                except TRANSPORT_ERRORS as exc:
+                    self.health.record_result(backend, False, transport=True)
+                    return _Transport(f"backend {backend.id} unreachable: {_describe(exc)}")
+                status = resp.status
+                if status >= 500 and can_retry:
+                    payload = await _read_small(resp)
+                    busy = status == 503 and _BUSY in payload
+                    if not busy:
+                        self.health.record_result(backend, False)
+                    return _Status(status, payload, resp.headers.get("Content-Type", ""), busy)
+                return await self._relay(
+                    send, backend, resp, route, request_id, extra_headers, started
+                )
+            finally:
+                in_flight.dec()
+                if resp is not None:
+                    resp.close()
+
+    async def _relay(
+        self,
+        send: Send,
+        backend: BackendState,
+        resp: aiohttp.ClientResponse,
+        route: RouteSpec,
+        request_id: str,
+        extra_headers: list[tuple[bytes, bytes]],
+        started: float,
+    ) -> tuple[int, dict[str, Any]]:
+        status = resp.status
+        out_headers = [
+            (k.lower(), v)
+            for k, v in resp.raw_headers
+            if k.decode("latin-1").lower() not in _RESPONSE_SKIP
+        ]
+        out_headers.append((b"x-corral-backend", backend.id.encode()))
+        out_headers.append((b"x-request-id", request_id.encode()))
+        out_headers.extend(extra_headers)
+        content_type = resp.headers.get("Content-Type", "")
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
+        ttft: float | None = None
+        tail = b""
+        error: str | None = None
+        try:
+            async for chunk in resp.content.iter_any():
+                if ttft is None:
+                    ttft = time.perf_counter() - started
+                tail = tail[-256:] + chunk if len(chunk) < 512 else chunk
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except TimeoutError:
+            error = f"backend {backend.id} stalled: no data for {self.upstream.timeouts.idle_s:g}s"
+        except TRANSPORT_ERRORS as exc:
+            error = f"backend {backend.id} failed mid-stream: {_describe(exc)}"
+        if ttft is None:
+            ttft = time.perf_counter() - started
+        ok = error is None and status < 500
+        if error is not None:
+            self.health.record_result(backend, False, transport=True)
+            if "ndjson" in content_type:
+                await send({"type": "http.response.body", "body": ndjson_error(error), "more_body": True})
+            elif "event-stream" in content_type:
+                await send({"type": "http.response.body", "body": sse_error(error), "more_body": True})
+            else:
+                # A plain body cut short cannot carry an error: abort the connection.
+                raise ClientGone(error)
+        elif status != 503 or _BUSY not in tail:
+            self.health.record_result(backend, ok)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        duration = time.perf_counter() - started
+        tokens = 0
+        if ok and status == 200:
+            match = None
+            for match in _EVAL_COUNT.finditer(tail):
+                pass
+            if match is not None:
+                tokens = int(match.group(1))
+            backend.ttft.observe(ttft)
+        backend.last_response_time = duration
+        prev = backend.avg_response_time
+        backend.avg_response_time = duration if prev is None else prev * 0.9 + duration * 0.1
+        fields: dict[str, Any] = {"ttft_s": round(ttft, 6), "tokens": tokens}
+        if error is not None:
+            fields["error"] = error
+        return (status if error is None else 502), fields
+
+
+class _Failure(RoutingError):
+    retry_reason = "error"
+
+
+class _Transport(_Failure):
+    status = 502
+    retry_reason = "connect"
+
+
+class _Timeout(_Failure):
+    retry_reason = "timeout"
+
+    def __init__(self, message: str, status: int) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class _Status(_Failure):
+    """The backend answered 5xx before any byte reached the client."""
+
+    def __init__(self, status: int, payload: bytes, content_type: str, busy: bool) -> None:
+        self.status = status
+        self.payload = payload
+        self.content_type = content_type
+        self.busy = busy
+        self.retry_reason = "busy" if busy else "status_5xx"
+        super().__init__(_error_text(payload) or f"backend answered {status}")
+
+
+def _reason(err: RoutingError) -> str:
+    return getattr(err, "retry_reason", "error")
+
+
+def _error_text(payload: bytes) -> str:
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return payload.decode(errors="replace").strip()[:300]
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message", ""))
+        if err:
+            return str(err)
+    return ""
+
+
+async def _read_small(resp: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await asyncio.wait_for(resp.content.read(65536), 5)
+    except (TimeoutError, *TRANSPORT_ERRORS):
+        return b""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:200]
+
+
+def is_upstream_status(err: RoutingError) -> bool:
+    return isinstance(err, _Status)
+
+
+__all__ = [
+    "ClientGone",
+    "Forwarder",
+    "RetryBudget",
+    "RouteSpec",
+    "UpstreamError",
+    "is_upstream_status",
+    "ndjson_error",
+    "sse_error",
+]

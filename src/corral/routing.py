@@ -1,0 +1,114 @@
+"""Choosing a backend: filters, then hot-model affinity, then the strategy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+
+from corral.backends import BackendRegistry, BackendState, Clock
+from corral.config import BalancerSettings
+from corral.errors import ModelNotFoundError, NoBackendError
+from corral.strategies import RequestInfo, Strategy, create_strategy
+from corral.strategies import weight_for_vram
+
+# A resident backend keeps the request unless it is this much busier (in slot fractions)
+# than the least loaded eligible one: a cold load costs seconds, a short wait less.
+AFFINITY_SLACK = 0.5
+
+
+class Router:
+    """Applies the filters of PRODUCT.md "Choosing a backend" and asks the strategy."""
+
+    def __init__(
+        self,
+        registry: BackendRegistry,
+        settings: BalancerSettings,
+        *,
+        clock: Clock = time.monotonic,
+        vram_total: Callable[[BackendState], int | None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._clock = clock
+        self._vram_total = vram_total or (lambda _b: None)
+        self.strategy: Strategy = create_strategy(
+            settings.strategy, score_weights=settings.score_weights
+        )
+
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy.name
+
+    def set_strategy(self, name: str) -> Strategy:
+        """Swap the strategy; in-flight requests are unaffected (they hold their backend)."""
+        self.strategy = create_strategy(name, score_weights=self.settings.score_weights)
+        return self.strategy
+
+    def weight_of(self, backend: BackendState) -> float:
+        if backend.weight is not None:
+            return backend.weight
+        return weight_for_vram(self._vram_total(backend))
+
+    def eligible(self, model_key: str | None, exclude: Collection[str] = ()) -> list[BackendState]:
+        """Backends that may serve ``model_key`` now, ignoring free slots.
+
+        Raises ModelNotFoundError when no known backend lists the model and
+        NoBackendError when some do but none is available.
+        """
+        now = self._clock()
+        backends = self.registry.all()
+        up = [b for b in backends if b.available(now) and b.id not in exclude]
+        if model_key is None:
+            if not up:
+                raise NoBackendError("no healthy backend available")
+            return up
+        with_model = [b for b in up if model_key in b.models]
+        if with_model:
+            return with_model
+        if any(model_key in b.models for b in backends):
+            raise NoBackendError(f"no healthy backend has model '{model_key}'")
+        if not up and not exclude:
+            raise NoBackendError("no healthy backend available")
+        return []
+
+    def pick(
+        self, model: str, model_key: str | None, route: str, exclude: Collection[str] = ()
+    ) -> BackendState | None:
+        """A backend with a free slot, or None when every eligible backend is full.
+
+        Raises ModelNotFoundError / NoBackendError as :meth:`eligible` does.
+        """
+        eligible = self.eligible(model_key, exclude)
+        if not eligible:
+            raise ModelNotFoundError(model)
+        free = [b for b in eligible if b.in_flight < b.max_concurrent]
+        if not free:
+            return None
+        primary = [b for b in free if not b.fallback]
+        if primary:
+            free = primary
+        elif any(not b.fallback for b in eligible):
+            # A GPU backend will free up: wait for it rather than fall to the CPU.
+            return None
+        if self.settings.model_affinity and model_key is not None and len(free) > 1:
+            free = self._prefer_resident(free, model_key)
+        if len(free) == 1:
+            return free[0]
+        by_id = {b.id: b for b in free}
+        chosen = self.strategy.select(
+            [b.candidate(self.weight_of(b)) for b in free], RequestInfo(model=model, route=route)
+        )
+        return by_id[chosen.id]
+
+    @staticmethod
+    def _prefer_resident(free: list[BackendState], model_key: str) -> list[BackendState]:
+        resident = [b for b in free if model_key in b.resident]
+        if not resident or len(resident) == len(free):
+            return free
+
+        def load(b: BackendState) -> float:
+            return b.in_flight / b.max_concurrent
+
+        if min(map(load, resident)) - min(map(load, free)) <= AFFINITY_SLACK:
+            return resident
+        return free

@@ -1,0 +1,103 @@
+"""Config loading: TOML + CORRAL_ env, and one clear line per problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corral.config import load_config
+from corral.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "corral.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_product_contract() -> None:
+    """With no file, defaults are those PRODUCT.md promises."""
+    s = load_config(None, env={})
+    assert (s.server.host, s.server.port, s.server.max_body_mb) == ("127.0.0.1", 11434, 20)
+    assert s.balancer.strategy == "least_connections"
+    assert s.balancer.max_attempts == 3
+    assert (s.health.interval_s, s.health.timeout_s, s.health.fall, s.health.rise) == (5, 2, 3, 2)
+    assert (s.timeouts.connect_s, s.timeouts.first_token_s, s.timeouts.idle_s) == (3, 300, 120)
+    assert (s.queue.max_size, s.queue.timeout_s) == (512, 60)
+
+
+def test_toml_backends_and_env_override(tmp_path: Path) -> None:
+    """The file sets backends; CORRAL_BALANCER__STRATEGY overrides the file."""
+    path = write(
+        tmp_path,
+        '[balancer]\nstrategy = "round_robin"\n'
+        '[[backends]]\nid = "gpu0"\nurl = "http://127.0.0.1:11435"\ngpu = 0\n',
+    )
+    s = load_config(path, env={"CORRAL_BALANCER__STRATEGY": "least_response_time"})
+    assert s.balancer.strategy == "least_response_time"
+    assert [b.id for b in s.backends] == ["gpu0"]
+    assert s.backends[0].max_concurrent == 4
+
+
+def test_every_problem_gets_one_line(tmp_path: Path) -> None:
+    """Unknown strategy, duplicate id, bad URL, negative timeout and unknown key all reported."""
+    path = write(
+        tmp_path,
+        '[balancer]\nstrategy = "fastest"\n[timeouts]\nconnect_s = -1\n[server]\nprot = 1\n'
+        '[[backends]]\nid = "a"\nurl = "ftp://x"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    text = "\n".join(info.value.problems)
+    assert "balancer.strategy: unknown strategy 'fastest'" in text
+    assert "least_connections" in text
+    assert "timeouts.connect_s" in text
+    assert "server.prot: unknown key" in text
+    assert "backends.0.url" in text
+    assert len(info.value.problems) == 4
+
+
+def test_duplicate_backend_ids_rejected(tmp_path: Path) -> None:
+    """Two backends with one id stop start-up."""
+    path = write(
+        tmp_path,
+        '[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n'
+        '[[backends]]\nid = "a"\nurl = "http://127.0.0.1:2"\n',
+    )
+    with pytest.raises(ConfigError, match="duplicate backend id 'a'"):
+        load_config(path, env={})
+
+
+def test_secrets_never_from_the_file(tmp_path: Path) -> None:
+    """An admin key in the TOML is refused; the environment provides it."""
+    with pytest.raises(ConfigError, match="CORRAL_ADMIN_KEY"):
+        load_config(write(tmp_path, 'admin_key = "x"\n'), env={})
+    s = load_config(None, env={"CORRAL_ADMIN_KEY": "s3cret"})
+    assert s.resolved_admin_key() == "s3cret"
+
+
+def test_admin_key_file(tmp_path: Path) -> None:
+    """auth.admin_key_file is read (stripped); a missing file is a config error."""
+    key = tmp_path / "admin.key"
+    key.write_text("from-file\n")
+    path = write(tmp_path, f'[auth]\nadmin_key_file = "{key}"\n')
+    assert load_config(path, env={}).resolved_admin_key() == "from-file"
+    key.unlink()
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(path, env={})
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    """Broken TOML and a missing file are one clear line each."""
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[server\n"), env={})
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_example_config_is_valid() -> None:
+    """config.example.toml (every key documented) loads as it ships."""
+    example = Path(__file__).parents[2] / "config.example.toml"
+    s = load_config(example, env={})
+    assert len(s.backends) >= 2
