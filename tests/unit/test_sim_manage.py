@@ -90,7 +90,8 @@ async def test_blobs_and_create_from_files(client: httpx.AsyncClient) -> None:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     assert (await client.head(f"/api/blobs/{digest}")).status_code == 404
     bad = await client.post(f"/api/blobs/{digest}", content=b"other")
-    assert bad.status_code == 400 and bad.json()["error"].startswith("digest mismatch")
+    assert bad.status_code == 400
+    assert bad.json()["error"].startswith("digest mismatch")
     assert (await client.post(f"/api/blobs/{digest}", content=data)).status_code == 201
     assert (await client.post(f"/api/blobs/{digest}", content=data)).status_code == 200
     assert (await client.head(f"/api/blobs/{digest.replace(':', '-')}")).status_code == 200
@@ -117,7 +118,8 @@ async def test_v1_chat_non_stream(client: httpx.AsyncClient) -> None:
     """/v1 defaults to non-streaming and answers OpenAI's chat.completion."""
     body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi there"}]}
     data = (await client.post("/v1/chat/completions", json=body)).json()
-    assert data["object"] == "chat.completion" and data["id"].startswith("chatcmpl-")
+    assert data["object"] == "chat.completion"
+    assert data["id"].startswith("chatcmpl-")
     assert data["system_fingerprint"] == "fp_ollama"
     assert data["choices"] == [
         {"index": 0, "message": {"role": "assistant", "content": text_of(3)},
@@ -139,14 +141,17 @@ async def test_v1_chat_stream_format(client: httpx.AsyncClient) -> None:
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "The"}
     assert chunks[1]["choices"][0]["delta"] == {"content": " sky"}
     assert chunks[2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
-    assert chunks[3]["choices"] == [] and chunks[3]["usage"]["completion_tokens"] == 2
-    assert len({c["created"] for c in chunks}) == 1 and len({c["id"] for c in chunks}) == 1
+    assert chunks[3]["choices"] == []
+    assert chunks[3]["usage"]["completion_tokens"] == 2
+    assert len({c["created"] for c in chunks}) == 1
+    assert len({c["id"] for c in chunks}) == 1
 
 
 async def test_v1_completions(client: httpx.AsyncClient) -> None:
     """/v1/completions: text_completion; streaming chunks put choices before model."""
     data = (await client.post("/v1/completions", json={"model": "llama3.2", "prompt": "x"})).json()
-    assert data["object"] == "text_completion" and data["choices"][0]["text"] == text_of(3)
+    assert data["object"] == "text_completion"
+    assert data["choices"][0]["text"] == text_of(3)
     body = {"model": "llama3.2", "prompt": "x", "stream": True}
     payloads = events(await client.post("/v1/completions", json=body))
     first = json.loads(payloads[0])
@@ -159,14 +164,16 @@ async def test_v1_embeddings_and_models(client: httpx.AsyncClient) -> None:
     """/v1/embeddings in float and base64; /v1/models list and retrieve."""
     body = {"model": "all-minilm", "input": ["a", "b c"]}
     data = (await client.post("/v1/embeddings", json=body)).json()
-    assert data["object"] == "list" and [d["index"] for d in data["data"]] == [0, 1]
+    assert data["object"] == "list"
+    assert [d["index"] for d in data["data"]] == [0, 1]
     assert data["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
     b64 = (await client.post("/v1/embeddings", json={**body, "encoding_format": "base64"})).json()
     raw = base64.b64decode(b64["data"][0]["embedding"])
     floats = struct.unpack(f"<{len(raw) // 4}f", raw)
     assert floats[0] == pytest.approx(data["data"][0]["embedding"][0], rel=1e-6)
     bad = await client.post("/v1/embeddings", json={"model": "all-minilm", "input": []})
-    assert bad.status_code == 400 and bad.json()["error"]["message"] == "invalid input"
+    assert bad.status_code == 400
+    assert bad.json()["error"]["message"] == "invalid input"
     models = (await client.get("/v1/models")).json()
     assert models["object"] == "list"
     assert models["data"][0] == {
@@ -188,12 +195,19 @@ async def test_v1_errors_openai_shape(client: httpx.AsyncClient) -> None:
     """/v1 errors use OpenAI's shape with type by status."""
     r = await client.post("/v1/chat/completions", json={"model": "foo", "messages": []})
     assert r.status_code == 400
-    assert r.json() == {"error": {"message": "[] is too short - 'messages'",
-                                  "type": "invalid_request_error", "param": None, "code": None}}
+    assert r.json() == {
+        "error": {
+            "message": "[] is too short - 'messages'",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
     r = await client.post(
         "/v1/chat/completions", json={"model": "foo", "messages": [{"role": "user"}]}
     )
-    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert r.status_code == 404
+    assert r.json()["error"]["type"] == "not_found_error"
     r = await client.get("/v1/models/nope")
     assert r.json()["error"]["message"] == "model 'nope:latest' not found"
 
@@ -207,11 +221,13 @@ async def test_fault_busy_and_error_rate(client: httpx.AsyncClient, app: SimApp)
         "error": "server busy, please try again.  maximum pending requests exceeded"
     }
     r = await client.post("/v1/completions", json={"model": "llama3.2", "prompt": "x"})
-    assert r.status_code == 503 and r.json()["error"]["type"] == "api_error"
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "api_error"
     app.config.faults.busy = False
     app.config.faults.error_rate = 1.0
     r = await client.post("/api/chat", json={"model": "llama3.2", "messages": [{"content": "x"}]})
-    assert r.status_code == 500 and "error" in r.json()
+    assert r.status_code == 500
+    assert "error" in r.json()
     assert (await client.get("/api/tags")).status_code == 200  # not an inference route
 
 
@@ -221,7 +237,8 @@ async def test_fault_mid_stream_error(client: httpx.AsyncClient, app: SimApp) ->
     app.config.faults.mid_stream_error_after = 2
     r = await client.post("/api/generate", json={"model": "llama3.2", "prompt": "x"})
     out = lines(r)
-    assert r.status_code == 200 and len(out) == 3
+    assert r.status_code == 200
+    assert len(out) == 3
     assert out[-1] == {"error": "an error was encountered while running the model"}
     body = {"model": "llama3.2", "prompt": "x", "stream": False}
     assert (await client.post("/api/generate", json=body)).status_code == 500
@@ -257,7 +274,8 @@ async def test_control_endpoints(client: httpx.AsyncClient) -> None:
     assert stats["by_route"] == {"/api/generate": 2}
     first = stats["recent"][0]
     assert (first["request_id"], first["model"], first["status"]) == ("req-1", "llama3.2", 200)
-    assert first["host"] == "sim" and first["ended"] >= first["started"]
+    assert first["host"] == "sim"
+    assert first["ended"] >= first["started"]
     await client.post("/_sim/reset")
     stats = (await client.get("/_sim/stats")).json()
     assert (stats["requests_total"], stats["recent"], stats["in_flight"]) == (0, [], 0)

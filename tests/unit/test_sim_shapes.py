@@ -66,7 +66,8 @@ async def test_generate_stream_shape(client: httpx.AsyncClient) -> None:
     assert len(chunks) == 5
     for chunk in chunks[:-1]:
         assert list(chunk) == ["model", "created_at", "response", "done"]
-        assert chunk["model"] == "llama3.2" and chunk["done"] is False
+        assert chunk["model"] == "llama3.2"
+        assert chunk["done"] is False
         assert UTC_NANO.match(chunk["created_at"])
     assert "".join(c["response"] for c in chunks) == text_of(4) == "The sky is blue"
     final = chunks[-1]
@@ -75,7 +76,8 @@ async def test_generate_stream_shape(client: httpx.AsyncClient) -> None:
         "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
         "eval_duration",
     ]  # fmt: skip
-    assert final["done_reason"] == "stop" and final["eval_count"] == 4
+    assert final["done_reason"] == "stop"
+    assert final["eval_count"] == 4
     assert final["prompt_eval_count"] == 2 + 10
 
 
@@ -86,8 +88,10 @@ async def test_generate_non_stream_and_num_predict(client: httpx.AsyncClient) ->
     r = await client.post("/api/generate", json=body)
     assert r.headers["content-type"] == "application/json; charset=utf-8"
     data = r.json()
-    assert data["response"] == text_of(6) and data["eval_count"] == 6
-    assert data["done_reason"] == "length" and "context" not in data
+    assert data["response"] == text_of(6)
+    assert data["eval_count"] == 6
+    assert data["done_reason"] == "length"
+    assert "context" not in data
     assert data["model"] == "LLAMA3.2:latest"  # echoed as sent
 
 
@@ -98,7 +102,8 @@ async def test_json_accepted_whatever_content_type(client: httpx.AsyncClient) ->
         content=b'{"model":"llama3.2","prompt":"x","stream":false}',
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
-    assert r.status_code == 200 and r.json()["done"] is True
+    assert r.status_code == 200
+    assert r.json()["done"] is True
 
 
 async def test_chat_chunks_always_carry_role(client: httpx.AsyncClient) -> None:
@@ -158,7 +163,8 @@ async def test_num_gpu_zero_loads_on_cpu(client: httpx.AsyncClient) -> None:
     body = {"model": "llama3.2", "options": {"num_gpu": 0}}
     await client.post("/api/generate", json=body)
     (entry,) = (await client.get("/api/ps")).json()["models"]
-    assert entry["size_vram"] == 0 and entry["size"] > 0
+    assert entry["size_vram"] == 0
+    assert entry["size"] > 0
 
 
 async def test_tags_and_show(client: httpx.AsyncClient) -> None:
@@ -173,7 +179,8 @@ async def test_tags_and_show(client: httpx.AsyncClient) -> None:
     assert show["model_info"]["llama.context_length"] == 131072
     assert show["model_info"]["general.parameter_count"] == 3_200_000_000
     assert show["capabilities"] == ["completion", "tools"]
-    assert show["details"]["family"] == "llama" and LOCAL_TIME.match(show["modified_at"])
+    assert show["details"]["family"] == "llama"
+    assert LOCAL_TIME.match(show["modified_at"])
     emb = (await client.post("/api/show", json={"name": "all-minilm"})).json()
     assert emb["capabilities"] == ["embedding"]
 
@@ -182,9 +189,11 @@ async def test_embed_and_embeddings(client: httpx.AsyncClient) -> None:
     """/api/embed returns normalised vectors per input (deterministic); dimensions truncates;
     the legacy route one vector; empty input only loads."""
     r = (await client.post("/api/embed", json={"model": "all-minilm", "input": ["a", "b"]})).json()
-    assert list(r)[:2] == ["model", "embeddings"] and len(r["embeddings"]) == 2
+    assert list(r)[:2] == ["model", "embeddings"]
+    assert len(r["embeddings"]) == 2
     vec = r["embeddings"][0]
-    assert len(vec) == 384 and abs(sum(x * x for x in vec) - 1) < 1e-4
+    assert len(vec) == 384
+    assert abs(sum(x * x for x in vec) - 1) < 1e-4
     again = (await client.post("/api/embed", json={"model": "all-minilm", "input": "a"})).json()
     assert again["embeddings"][0] == vec
     small = {"model": "all-minilm", "input": "a", "dimensions": 8}
