@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -31,8 +32,15 @@ class CorralThread:
         self.url = f"http://127.0.0.1:{self.port}"
         self.app: CorralApp = create_app(settings)
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, loop="asyncio", http="httptools",
-            lifespan="on", access_log=False, log_config=None, log_level="warning",
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            loop="asyncio",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            log_level="warning",
         )
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -83,7 +91,9 @@ def make_settings(backends: list[dict[str, Any]], **sections: dict[str, Any]) ->
         merged = dict(overrides.get(key) or {})
         merged.update(value)
         overrides[key] = merged
-    return load_config(None, overrides=overrides, env={})
+    # Only the secrets come from the environment, so a developer's CORRAL_* never leaks in.
+    env = {k: v for k, v in os.environ.items() if k in ("CORRAL_ADMIN_KEY", "CORRAL_CLIENT_KEYS")}
+    return load_config(None, overrides=overrides, env=env)
 
 
 @pytest.fixture
@@ -98,3 +108,37 @@ def corral_factory() -> Iterator[Any]:
     yield start
     for server in reversed(started):
         server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def sim_factory() -> Iterator[Any]:
+    """Start simulated Ollama servers on background threads: ``sim_factory(name="a", ...)``."""
+    from corral.sim.harness import SimThread
+
+    started: list[Any] = []
+
+    def start(**overrides: Any) -> Any:
+        sim = SimThread(**overrides).start()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in reversed(started):
+        sim.stop()
+
+
+@pytest.fixture
+def sim_process_factory() -> Iterator[Any]:
+    """Start simulated Ollama servers as subprocesses (for SIGKILL): ``sim_process_factory(...)``."""
+    from corral.sim.harness import SimProcess
+
+    started: list[Any] = []
+
+    def start(**options: Any) -> Any:
+        sim = SimProcess(**options).start()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in reversed(started):
+        sim.stop()

@@ -128,6 +128,10 @@ class HealthChecker:
         if backend.healthy == up and not force:
             return
         backend.healthy = up
+        if up:
+            # Back from down (restarted, say): the errors that ejected it are history.
+            backend.ejected_until = 0.0
+            backend.consecutive_errors = 0
         to = "up" if up else "down"
         self.metrics.transitions.labels(backend=backend.id, to=to).inc()
         self.metrics.backend_up.labels(backend=backend.id).set(1 if up else 0)
@@ -166,6 +170,4 @@ class HealthChecker:
         self.metrics.transitions.labels(backend=backend.id, to="ejected").inc()
         self.metrics.backend_up.labels(backend=backend.id).set(0)
         log.warning("backend ejected", backend=backend.id, reason=reason, for_s=round(duration, 1))
-        # Probe it as soon as the ejection ends.
-        self._next_probe[backend.id] = backend.ejected_until
         self.registry.notify()

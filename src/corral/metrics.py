@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Request latency spans milliseconds (embeddings) to minutes (long generations, cold loads).
+# The *_created series double every counter's output and no dashboard needs them.
+disable_created_metrics()
+
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -51,7 +61,10 @@ class Metrics:
             registry=r,
         )
         self.backend_up = Gauge(
-            "corral_backend_up", "1 when the backend takes requests, else 0.", ["backend"], registry=r
+            "corral_backend_up",
+            "1 when the backend takes requests, else 0.",
+            ["backend"],
+            registry=r,
         )
         self.transitions = Counter(
             "corral_backend_health_transitions",

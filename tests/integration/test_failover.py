@@ -1,0 +1,177 @@
+"""Failures: killed backends, 5xx before the first byte, drops mid-stream, disconnects."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def poll(predicate: Any, timeout_s: float, interval_s: float = 0.02) -> bool:
+    """Poll ``predicate`` until true or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
+
+
+def metric(client: httpx.Client, prefix: str) -> float:
+    total = 0.0
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(prefix):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_sigkill_under_load_loses_no_request(sim_process_factory: Any, corral_factory: Any) -> None:
+    """SIGKILL one backend under steady load: no request fails, it leaves and rejoins rotation."""
+    a = sim_process_factory(name="a")
+    b = sim_process_factory(name="b")
+    interval, fall = 0.2, 2
+    corral = corral_factory(
+        [{"id": "a", "url": a.url}, {"id": "b", "url": b.url}],
+        balancer={"strategy": "round_robin"},
+        health={"interval_s": interval, "fall": fall, "rise": 1, "backoff_max_s": 1},
+    )
+    failures: list[str] = []
+    done = threading.Event()
+    count = [0]
+
+    def load() -> None:
+        with corral.client(timeout=10) as client:
+            while not done.is_set():
+                r = client.post(
+                    "/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False}
+                )
+                count[0] += 1
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text}")
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        assert poll(lambda: count[0] > 20, 10)
+        a.kill()
+        killed_at = time.monotonic()
+        gone = poll(lambda: not corral.call(lambda: corral.runtime.registry.get("a").available(time.monotonic())), 5)
+        left_after = time.monotonic() - killed_at
+        assert gone
+        # fall × interval plus one probe period of slack (probes are jittered ±10%).
+        assert left_after <= fall * interval + interval * 2
+        before = count[0]
+        assert poll(lambda: count[0] > before + 20, 10)
+        a.restart()
+        assert poll(
+            lambda: corral.call(lambda: corral.runtime.registry.get("a").available(time.monotonic())),
+            10,
+        )
+        with corral.client() as client:
+            seen = {
+                client.post(
+                    "/api/embed", json={"model": "all-minilm", "input": "x"}
+                ).headers["x-corral-backend"]
+                for _ in range(6)
+            }
+        assert seen == {"a", "b"}
+    finally:
+        done.set()
+        for w in workers:
+            w.join(10)
+    assert failures == []
+
+
+def test_5xx_before_first_byte_fails_over(sim_factory: Any, corral_factory: Any) -> None:
+    """A backend answering 500 is retried on another; the client never sees the error."""
+    bad = sim_factory(name="bad")
+    good = sim_factory(name="good")
+    bad.set_faults(error_rate=1.0)
+    corral = corral_factory(
+        [{"id": "bad", "url": bad.url}, {"id": "good", "url": good.url}],
+        balancer={"strategy": "round_robin"},
+        health={"consecutive_errors": 100, "error_min_requests": 1000},
+    )
+    with corral.client() as client:
+        for _ in range(6):
+            r = client.post("/api/chat", json={"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False})
+            assert r.status_code == 200
+            assert r.headers["x-corral-backend"] == "good"
+        assert metric(client, 'corral_retries_total{reason="status_5xx"}') >= 3
+
+
+def test_busy_503_is_retried_and_not_counted_as_failure(sim_factory: Any, corral_factory: Any) -> None:
+    """Ollama's 503 "server busy" moves the request elsewhere without ejecting the backend."""
+    busy = sim_factory(name="busy")
+    ok = sim_factory(name="ok")
+    busy.set_faults(busy=True)
+    corral = corral_factory(
+        [{"id": "busy", "url": busy.url}, {"id": "ok", "url": ok.url}],
+        balancer={"strategy": "round_robin"},
+        health={"error_min_requests": 2},
+    )
+    with corral.client() as client:
+        for _ in range(8):
+            r = client.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False})
+            assert r.status_code == 200
+        assert metric(client, 'corral_retries_total{reason="busy"}') >= 3
+    assert corral.call(lambda: corral.runtime.registry.get("busy").available(time.monotonic()))
+
+
+def test_only_backend_errors_pass_through(sim_factory: Any, corral_factory: Any) -> None:
+    """When every attempt fails with 500, the client gets the backend's own error body."""
+    bad = sim_factory(name="bad")
+    bad.set_faults(error_rate=1.0)
+    corral = corral_factory([{"id": "bad", "url": bad.url}])
+    with corral.client() as client:
+        r = client.post("/api/generate", json={"model": "llama3.2", "prompt": "x"})
+        assert r.status_code == 500
+        assert "error" in r.json()
+
+
+def test_drop_mid_stream_ends_with_an_error_line(sim_factory: Any, corral_factory: Any) -> None:
+    """A backend that dies after the first byte: the stream ends with {"error": ...}, not silence."""
+    sim = sim_factory(name="a")
+    sim.set_faults(drop_after_tokens=3)
+    corral = corral_factory([{"id": "a", "url": sim.url}])
+    with corral.client() as client, client.stream(
+        "POST", "/api/generate", json={"model": "llama3.2", "prompt": "x"}
+    ) as resp:
+        lines = [json.loads(x) for x in resp.iter_lines()]
+    assert len(lines) == 4
+    assert [bool(x.get("response")) for x in lines[:3]] == [True, True, True]
+    assert "error" in lines[-1]
+    assert "a" in lines[-1]["error"]
+
+
+def test_client_disconnect_cancels_upstream(sim_factory: Any, corral_factory: Any) -> None:
+    """Closing a stream mid-way cancels the backend's request within 1 s; in-flight returns to 0."""
+    sim = sim_factory(name="a", token_interval_s=0.05, tokens=200)
+    corral = corral_factory([{"id": "a", "url": sim.url}])
+    with corral.client() as client:
+        with client.stream("POST", "/api/generate", json={"model": "llama3.2", "prompt": "x"}) as resp:
+            for n, _ in enumerate(resp.iter_lines()):
+                if n == 2:
+                    break
+        closed_at = time.monotonic()
+        assert poll(lambda: sim.stats()["cancelled"] >= 1, 1.0)
+        assert time.monotonic() - closed_at <= 1.0
+        assert poll(lambda: metric(client, 'corral_backend_in_flight{backend="a"}') == 0, 2)
+        assert corral.call(lambda: corral.runtime.registry.get("a").in_flight) == 0
+
+
+def test_disconnect_while_waiting_for_first_token(sim_factory: Any, corral_factory: Any) -> None:
+    """A client that leaves before the first byte (model still loading) frees the backend too."""
+    sim = sim_factory(name="a", ttft_s=30)
+    corral = corral_factory([{"id": "a", "url": sim.url}])
+    with corral.client(timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
+        client.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False})
+    assert poll(lambda: sim.stats()["cancelled"] >= 1, 1.0)
+    assert poll(lambda: corral.call(lambda: corral.runtime.registry.get("a").in_flight) == 0, 1.0)

@@ -1,0 +1,184 @@
+"""corral in front of simulated backends: routes, shapes, errors, headers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def fleet(sim_factory: Any, corral_factory: Any) -> Any:
+    a = sim_factory(name="a")
+    b = sim_factory(name="b")
+    corral = corral_factory(
+        [{"id": "gpu0", "url": a.url}, {"id": "gpu1", "url": b.url}],
+        balancer={"strategy": "round_robin"},
+    )
+    return corral, a, b
+
+
+def test_generate_stream_passes_through_with_headers(fleet: Any) -> None:
+    """A streamed generate arrives as Ollama's NDJSON, with X-Corral-Backend and X-Request-ID."""
+    corral, _, _ = fleet
+    with (
+        corral.client() as client,
+        client.stream(
+            "POST", "/api/generate", json={"model": "llama3.2", "prompt": "hi"},
+            headers={"X-Request-ID": "req-123"},
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        assert resp.headers["content-type"] == "application/x-ndjson"
+        assert resp.headers["x-corral-backend"] in {"gpu0", "gpu1"}
+        assert resp.headers["x-request-id"] == "req-123"
+        lines = [json.loads(line) for line in resp.iter_lines()]
+    assert lines[-1]["done"] is True
+    assert lines[-1]["eval_count"] == len(lines) - 1
+    assert all(not line["done"] for line in lines[:-1])
+
+
+def test_backend_sees_rewritten_host_and_request_id(fleet: Any) -> None:
+    """The backend gets Host = its own address (Ollama's loopback check) and the request id."""
+    corral, a, b = fleet
+    with corral.client() as client:
+        for _ in range(2):
+            r = client.post(
+                "/api/generate",
+                json={"model": "llama3.2", "prompt": "x", "stream": False},
+                headers={"Host": "corral.example.com", "X-Request-ID": "abc"},
+            )
+            assert r.status_code == 200
+    for sim in (a, b):
+        recent = sim.stats()["recent"]
+        gen = [r for r in recent if r["route"] == "/api/generate"]
+        assert gen, "each backend served one request (round robin)"
+        assert gen[-1]["host"] == f"127.0.0.1:{sim.port}"
+        assert gen[-1]["request_id"] == "abc"
+
+
+def test_round_robin_spreads_evenly(fleet: Any) -> None:
+    """Round robin alternates between the two backends."""
+    corral, _, _ = fleet
+    seen = []
+    with corral.client() as client:
+        for _ in range(10):
+            r = client.post("/api/embed", json={"model": "all-minilm", "input": "x"})
+            assert r.status_code == 200
+            seen.append(r.headers["x-corral-backend"])
+    assert seen.count("gpu0") == seen.count("gpu1") == 5
+
+
+def test_aggregated_tags_ps_models_version(fleet: Any) -> None:
+    """tags and /v1/models merge (deduplicated); ps tags each entry with its backend."""
+    corral, _, _ = fleet
+    with corral.client() as client:
+        tags = client.get("/api/tags").json()["models"]
+        names = [m["name"] for m in tags]
+        assert len(names) == len(set(names))
+        assert "llama3.2:latest" in names
+        for _ in range(2):
+            client.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False})
+        ps = client.get("/api/ps").json()["models"]
+        assert sorted(m["backend"] for m in ps if m["name"] == "llama3.2:latest") == [
+            "gpu0",
+            "gpu1",
+        ]
+        models = client.get("/v1/models").json()
+        assert models["object"] == "list"
+        assert {m["id"] for m in models["data"]} == set(names)
+        assert client.get("/api/version").json()["version"]
+        root = client.get("/")
+        assert root.text == "Ollama is running"
+        assert client.head("/").status_code == 200
+        one = client.get("/v1/models/llama3.2:latest")
+        assert one.status_code == 200
+        assert one.json()["id"] == "llama3.2:latest"
+
+
+def test_errors_keep_ollamas_shapes(fleet: Any) -> None:
+    """Bad JSON, missing model, unknown model, unknown route, wrong method, oversized body."""
+    corral, _, _ = fleet
+    with corral.client() as client:
+        r = client.post("/api/generate", content=b"{not json")
+        assert r.status_code == 400
+        assert "error" in r.json()
+        r = client.post("/api/generate", content=b"")
+        assert (r.status_code, r.json()) == (400, {"error": "missing request body"})
+        r = client.post("/api/generate", json={"prompt": "x"})
+        assert (r.status_code, r.json()) == (404, {"error": "model '' not found"})
+        r = client.post("/api/chat", json={"messages": []})
+        assert (r.status_code, r.json()) == (400, {"error": "model is required"})
+        r = client.post("/api/generate", json={"model": "nope", "prompt": "x"})
+        assert (r.status_code, r.json()) == (404, {"error": "model 'nope' not found"})
+        r = client.get("/api/nothing")
+        assert (r.status_code, r.text) == (404, "404 page not found")
+        r = client.get("/api/generate")
+        assert (r.status_code, r.text) == (405, "405 method not allowed")
+        r = client.post("/api/generate", content=b"[1, 2]")
+        assert r.status_code == 400
+        r = client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
+        assert r.status_code == 404
+        err = r.json()["error"]
+        assert err["type"] == "not_found_error"
+        assert "nope" in err["message"]
+        r = client.post("/api/pull", json={"model": "llama3.2"})
+        assert r.status_code == 501
+        assert "not supported" in r.json()["error"]
+
+
+def test_oversized_body_is_413(sim_factory: Any, corral_factory: Any) -> None:
+    """A body over server.max_body_mb gets 413 in Ollama's shape; nothing reaches a backend."""
+    sim = sim_factory(name="a")
+    corral = corral_factory([{"id": "a", "url": sim.url}], server={"max_body_mb": 0.01})
+    big = json.dumps({"model": "llama3.2", "prompt": "x" * 20_000})
+    with corral.client() as client:
+        r = client.post("/api/generate", content=big)
+        assert r.status_code == 413
+        assert "too large" in r.json()["error"]
+        r = client.post("/api/generate", json={"model": "llama3.2", "prompt": "ok", "stream": False})
+        assert r.status_code == 200
+    assert sim.stats()["by_route"].get("/api/generate") == 1
+
+
+def test_no_backend_is_503_with_retry_after(corral_factory: Any) -> None:
+    """With every backend down, inference gets 503 + Retry-After (whole seconds ≥ 1)."""
+    from tests.conftest import free_port
+
+    corral = corral_factory([{"id": "dead", "url": f"http://127.0.0.1:{free_port()}"}])
+    with corral.client() as client:
+        r = client.post("/api/generate", json={"model": "llama3.2", "prompt": "x"})
+        assert r.status_code == 503
+        assert int(r.headers["retry-after"]) >= 1
+        assert "error" in r.json()
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+
+
+def test_metrics_exposes_the_product_names(fleet: Any) -> None:
+    """/metrics has requests, durations, ttft, tokens, in-flight, up, strategy."""
+    corral, _, _ = fleet
+    with corral.client() as client:
+        client.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False})
+        text = client.get("/metrics").text
+    for name in (
+        "corral_requests_total{",
+        "corral_request_duration_seconds_bucket{",
+        "corral_time_to_first_token_seconds_bucket{",
+        "corral_tokens_generated_total{",
+        "corral_backend_in_flight{",
+        'corral_backend_up{backend="gpu0"} 1.0',
+        'corral_strategy_info{strategy="round_robin"} 1.0',
+    ):
+        assert name in text, name
+    line = next(x for x in text.splitlines() if x.startswith("corral_tokens_generated_total{"))
+    assert float(line.rsplit(" ", 1)[1]) == 16.0
+
+
+def _decode(resp: httpx.Response) -> dict[str, Any]:
+    data: dict[str, Any] = resp.json()
+    return data
