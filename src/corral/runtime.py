@@ -32,7 +32,12 @@ class Runtime:
         self.router = Router(self.registry, settings.balancer)
         self.admission = Admission(self.router, settings.queue, self.metrics)
         self.forwarder = Forwarder(
-            self.registry, self.admission, self.upstream, self.health, self.metrics, settings.balancer
+            self.registry,
+            self.admission,
+            self.upstream,
+            self.health,
+            self.metrics,
+            settings.balancer,
         )
         self.lifecycle = Lifecycle()
         self.draining = False
@@ -73,3 +78,4 @@ class Runtime:
     async def stop(self) -> None:
         await self.lifecycle.stop()
         await self.upstream.close()
+        log.info("corral stopped")
