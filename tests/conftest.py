@@ -129,7 +129,7 @@ def sim_factory() -> Iterator[Any]:
 
 @pytest.fixture
 def sim_process_factory() -> Iterator[Any]:
-    """Start simulated Ollama servers as subprocesses (for SIGKILL): ``sim_process_factory(...)``."""
+    """Start simulated Ollama servers as subprocesses (they can be SIGKILLed)."""
     from corral.sim.harness import SimProcess
 
     started: list[Any] = []

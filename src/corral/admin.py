@@ -177,7 +177,9 @@ async def add_backend(body: BackendBody, runtime: RuntimeDep) -> dict[str, Any]:
 @router.patch("/backends/{backend_id}")
 async def patch_backend(backend_id: str, body: BackendPatch, runtime: RuntimeDep) -> dict[str, Any]:
     if body.action is None and body.weight is None and body.max_concurrent is None:
-        raise HTTPException(400, "nothing to change: give action (drain|enable), weight or max_concurrent")
+        raise HTTPException(
+            400, "nothing to change: give action (drain|enable), weight or max_concurrent"
+        )
     try:
         backend = runtime.registry.get(backend_id)
         if body.action == "drain":
@@ -213,7 +215,9 @@ async def heartbeat(
     except UnknownBackendError as exc:
         raise HTTPException(404, str(exc)) from None
     if not backend.dynamic:
-        raise HTTPException(400, f"backend {backend_id!r} is static (from the config); no heartbeat needed")
+        raise HTTPException(
+            400, f"backend {backend_id!r} is static (from the config); no heartbeat needed"
+        )
     ttl = body.ttl_s if body and body.ttl_s else runtime.default_ttl(backend)
     runtime.registry.heartbeat(backend_id, ttl)
     return {"instance_id": backend_id, "ttl_s": ttl}
@@ -261,7 +265,10 @@ def health_routes() -> APIRouter:
         healthy = sum(b.available(now) for b in runtime.registry.all())
         if runtime.draining or healthy == 0:
             response.status_code = 503
-            return {"status": "draining" if runtime.draining else "no healthy backend", "healthy": healthy}
+            return {
+                "status": "draining" if runtime.draining else "no healthy backend",
+                "healthy": healthy,
+            }
         return {"status": "ready", "healthy": healthy}
 
     @plain.get("/metrics")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,9 +29,7 @@ err = Console(stderr=True)
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML config file.", envvar="CORRAL_CONFIG")
 ]
-UrlOpt = Annotated[
-    str, typer.Option("--url", envvar="CORRAL_URL", help="URL of a running corral.")
-]
+UrlOpt = Annotated[str, typer.Option("--url", envvar="CORRAL_URL", help="URL of a running corral.")]
 KeyOpt = Annotated[
     str | None,
     typer.Option("--admin-key", envvar="CORRAL_ADMIN_KEY", help="Admin key.", show_default=False),
@@ -110,10 +107,7 @@ def demo(
 
 
 def _register_sim() -> None:
-    try:
-        from corral.sim.cli import sim_command
-    except ImportError:  # pragma: no cover - transitional
-        return
+    from corral.sim.cli import sim_command
 
     app.command("sim", help="Run a simulated Ollama server (one simulated GPU).")(sim_command)
 
@@ -157,8 +151,23 @@ def _fmt_s(value: float | None) -> str:
 def load_table(data: dict[str, Any]) -> Table:
     """The load table ``corral status`` prints."""
     table = Table(title=f"corral: strategy {data.get('strategy')}", title_justify="left")
-    for col in ("backend", "state", "in flight", "total", "failures", "ttft", "avg", "weight", "url"):
-        table.add_column(col, justify="right" if col in {"in flight", "total", "failures", "ttft", "avg", "weight"} else "left")
+    for col in (
+        "backend",
+        "state",
+        "in flight",
+        "total",
+        "failures",
+        "ttft",
+        "avg",
+        "weight",
+        "url",
+    ):
+        table.add_column(
+            col,
+            justify="right"
+            if col in {"in flight", "total", "failures", "ttft", "avg", "weight"}
+            else "left",
+        )
     for bid, e in sorted(data.get("loads", {}).items()):
         if not e.get("healthy"):
             state = "[red]down[/red]"
@@ -194,7 +203,9 @@ def status(url: UrlOpt = DEFAULT_URL, admin_key: KeyOpt = None, as_json: JsonOpt
 
 @app.command()
 def strategy(
-    name: Annotated[str | None, typer.Argument(help="New strategy; omit to show the current one.")] = None,
+    name: Annotated[
+        str | None, typer.Argument(help="New strategy; omit to show the current one.")
+    ] = None,
     url: UrlOpt = DEFAULT_URL,
     admin_key: KeyOpt = None,
     as_json: JsonOpt = False,
@@ -217,4 +228,3 @@ def main() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())  # type: ignore[func-returns-value]
-

@@ -39,8 +39,14 @@ def _sim_server(name: str, port: int, ttft_s: float, token_interval_s: float) ->
         SimConfig(name=name, ttft_s=ttft_s, token_interval_s=token_interval_s, num_parallel=4)
     )
     config = uvicorn.Config(
-        sim, host="127.0.0.1", port=port, loop="none", http="httptools",
-        access_log=False, log_level="warning", lifespan="off",
+        sim,
+        host="127.0.0.1",
+        port=port,
+        loop="none",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        lifespan="off",
     )
     return uvicorn.Server(config)
 
@@ -61,14 +67,17 @@ def _banner(url: str, fast: int, slow: int) -> None:
     )
     console.print("Try it:", style="bold")
     console.print(
-        f"  curl {url}/api/generate -d '{{\"model\": \"llama3.2\", \"prompt\": \"Why is the sky blue?\"}}'",
-        highlight=False, markup=False,
+        f"  curl {url}/api/generate "
+        + '-d \'{"model": "llama3.2", "prompt": "Why is the sky blue?"}\'',
+        highlight=False,
+        markup=False,
     )
     console.print(
         f"  OLLAMA_HOST={url} .venv/bin/python -c "
         "\"import ollama; print(ollama.chat(model='llama3.2', "
         "messages=[{'role': 'user', 'content': 'hi'}]).message.content)\"",
-        highlight=False, markup=False,
+        highlight=False,
+        markup=False,
     )
     console.print(f"  CORRAL_URL={url} .venv/bin/corral status", highlight=False, markup=False)
     console.print(f"  curl {url}/metrics\n", highlight=False, markup=False)

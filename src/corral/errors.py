@@ -1,15 +1,15 @@
 """The exception tree of corral.
 
-    CorralError
-    ├── ConfigError                 invalid configuration (exit code 2)
-    ├── UnknownStrategyError        a strategy name not in the registry
-    ├── BackendError                admin operations on backends
-    │   ├── UnknownBackendError
-    │   └── DuplicateBackendError
-    └── RoutingError                a request could not be placed (mapped to HTTP at one boundary)
-        ├── ModelNotFoundError      no backend lists the model            -> 404
-        ├── NoBackendError          nothing healthy / all full / ejected  -> 503 + Retry-After
-        └── UpstreamError           the chosen backends all failed        -> 502/504
+CorralError
+├── ConfigError                 invalid configuration (exit code 2)
+├── UnknownStrategyError        a strategy name not in the registry
+├── BackendError                admin operations on backends
+│   ├── UnknownBackendError
+│   └── DuplicateBackendError
+└── RoutingError                a request could not be placed (mapped to HTTP at one boundary)
+    ├── ModelNotFoundError      no backend lists the model            -> 404
+    ├── NoBackendError          nothing healthy / all full / ejected  -> 503 + Retry-After
+    └── UpstreamError           the chosen backends all failed        -> 502/504
 """
 
 from __future__ import annotations

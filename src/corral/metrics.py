@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -14,7 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Request latency spans milliseconds (embeddings) to minutes (long generations, cold loads).
 # The *_created series double every counter's output and no dashboard needs them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -98,10 +100,8 @@ class Metrics:
     def forget_backend(self, backend_id: str) -> None:
         """Drop per-backend gauge series of a removed backend."""
         for gauge in (self.in_flight, self.backend_up):
-            try:
+            with contextlib.suppress(KeyError):
                 gauge.remove(backend_id)
-            except KeyError:
-                pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ Routed requests (inference, show) pick one backend and stream through; aggregate
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -61,7 +62,7 @@ _TEXT = (b"content-type", b"text/plain; charset=utf-8")
 def _request_id(scope: Scope) -> str:
     for key, value in scope["headers"]:
         if key == b"x-request-id":
-            text = value.decode("latin-1")
+            text: str = value.decode("latin-1")
             if 0 < len(text) <= 128 and text.isprintable():
                 return text
     return uuid.uuid4().hex
@@ -147,7 +148,7 @@ class OllamaFront:
                 return
             await self.retrieve_model(scope, receive, send, path[len("/v1/models/") :])
             return
-        allowed = MANAGEMENT.get(path)
+        allowed: tuple[str, ...] | None = MANAGEMENT.get(path)
         if allowed is None and path.startswith("/api/blobs/"):
             allowed = ("HEAD", "POST")
         if allowed is not None:
@@ -246,11 +247,18 @@ class OllamaFront:
             status = exc.status
             if is_upstream_status(exc):
                 ctype = getattr(exc, "content_type", "") or "application/json; charset=utf-8"
-                payload = getattr(exc, "payload", b"") or error_body(str(exc), openai=openai, status=status)
+                payload = getattr(exc, "payload", b"") or error_body(
+                    str(exc), openai=openai, status=status
+                )
+                backend_id = getattr(exc, "backend_id", None)
                 extra = [(b"content-type", ctype.encode())]
+                if backend_id:
+                    extra.append((b"x-corral-backend", backend_id.encode()))
                 if getattr(exc, "busy", False):
                     extra.append((b"retry-after", b"1"))
-                await send_bytes(send, status, payload, [*extra, (b"x-request-id", request_id.encode())])
+                await send_bytes(
+                    send, status, payload, [*extra, (b"x-request-id", request_id.encode())]
+                )
             else:
                 extra = []
                 if isinstance(exc, NoBackendError):
@@ -297,7 +305,9 @@ class OllamaFront:
         # Only models some backend reports become label values (bounded cardinality).
         key = normalize_model(model)
         label_model = model if any(key in b.models for b in self.registry.all()) else "other"
-        m.requests.labels(backend=backend, route=spec.name, model=label_model, code=str(status)).inc()
+        m.requests.labels(
+            backend=backend, route=spec.name, model=label_model, code=str(status)
+        ).inc()
         if backend_id is None:
             return
         m.request_duration.labels(backend=backend, route=spec.name).observe(duration)
@@ -364,7 +374,16 @@ class OllamaFront:
             return
         spec = RouteSpec("v1_models_retrieve", openai=True)
         await self._dispatch(
-            scope, receive, send, spec, None, model, request_id, time.perf_counter(), "GET", scope["path"]
+            scope,
+            receive,
+            send,
+            spec,
+            None,
+            model,
+            request_id,
+            time.perf_counter(),
+            "GET",
+            scope["path"],
         )
 
     # Aggregated -----------------------------------------------------------------------------
@@ -401,12 +420,15 @@ class OllamaFront:
             models = merge_tags(results)
             payload = {"models": models} if path == "/api/tags" else openai_models(models)
         body = json.dumps(payload, separators=(",", ":")).encode()
-        headers = [_JSON, (b"x-request-id", request_id.encode())]
+        answered = ",".join(backend_id for backend_id, _ in results).encode()
+        headers = [_JSON, (b"x-request-id", request_id.encode()), (b"x-corral-backend", answered)]
         await send_bytes(send, 200, body, headers, head=scope["method"] == "HEAD")
 
     async def version(self, send: Send, *, head: bool) -> None:
         versions = [v for _, v in await self._safe_fan_out("/api/version")]
-        found = [str(v.get("version")) for v in versions if isinstance(v, dict) and v.get("version")]
+        found = [
+            str(v.get("version")) for v in versions if isinstance(v, dict) and v.get("version")
+        ]
         version = min(found, key=version_key) if found else "0.0.0"
         body = json.dumps({"version": version}, separators=(",", ":")).encode()
         await send_bytes(send, 200, body, [_JSON], head=head)
@@ -446,10 +468,8 @@ def openai_models(models: list[dict[str, Any]]) -> dict[str, Any]:
     for model in models:
         name = model.get("name") or model.get("model")
         created = 0
-        try:
+        with contextlib.suppress(ValueError):
             created = int(datetime.fromisoformat(str(model.get("modified_at"))).timestamp())
-        except ValueError:
-            pass
         parts = str(name).split("/")
         owner = parts[-2] if len(parts) > 1 else "library"
         data.append({"id": name, "object": "model", "created": created, "owned_by": owner})

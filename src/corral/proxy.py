@@ -65,7 +65,7 @@ class RouteSpec:
 
 
 class RetryBudget:
-    """Envoy-style: concurrent retries stay under ``ratio`` of active requests (at least ``min``)."""
+    """Envoy-style: concurrent retries stay under ``ratio`` of active requests (min ``minimum``)."""
 
     def __init__(self, ratio: float, minimum: int) -> None:
         self.ratio = ratio
@@ -144,8 +144,17 @@ class Forwarder:
                 attempts += 1
                 tried.append(backend.id)
                 outcome = await self._attempt(
-                    send, backend, method, path, headers, body, route, request_id,
-                    extra_headers, started, can_retry=attempts < self.settings.max_attempts,
+                    send,
+                    backend,
+                    method,
+                    path,
+                    headers,
+                    body,
+                    route,
+                    request_id,
+                    extra_headers,
+                    started,
+                    can_retry=attempts < self.settings.max_attempts,
                 )
                 if isinstance(outcome, tuple):
                     status, fields = outcome
@@ -202,7 +211,9 @@ class Forwarder:
                     busy = status == 503 and _BUSY in payload
                     if not busy:
                         self.health.record_result(backend, False)
-                    return _Status(status, payload, resp.headers.get("Content-Type", ""), busy)
+                    return _Status(
+                        status, payload, resp.headers.get("Content-Type", ""), busy, backend.id
+                    )
                 return await self._relay(
                     send, backend, resp, route, request_id, extra_headers, started
                 )
@@ -251,9 +262,13 @@ class Forwarder:
         if error is not None:
             self.health.record_result(backend, False, transport=True)
             if "ndjson" in content_type:
-                await send({"type": "http.response.body", "body": ndjson_error(error), "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": ndjson_error(error), "more_body": True}
+                )
             elif "event-stream" in content_type:
-                await send({"type": "http.response.body", "body": sse_error(error), "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": sse_error(error), "more_body": True}
+                )
             else:
                 # A plain body cut short cannot carry an error: abort the connection.
                 raise ClientGone(error)
@@ -263,11 +278,9 @@ class Forwarder:
         duration = time.perf_counter() - started
         tokens = 0
         if ok and status == 200:
-            match = None
-            for match in _EVAL_COUNT.finditer(tail):
-                pass
-            if match is not None:
-                tokens = int(match.group(1))
+            counts = _EVAL_COUNT.findall(tail)
+            if counts:
+                tokens = int(counts[-1])
             backend.ttft.observe(ttft)
         backend.last_response_time = duration
         prev = backend.avg_response_time
@@ -298,7 +311,10 @@ class _Timeout(_Failure):
 class _Status(_Failure):
     """The backend answered 5xx before any byte reached the client."""
 
-    def __init__(self, status: int, payload: bytes, content_type: str, busy: bool) -> None:
+    def __init__(
+        self, status: int, payload: bytes, content_type: str, busy: bool, backend_id: str
+    ) -> None:
+        self.backend_id = backend_id
         self.status = status
         self.payload = payload
         self.content_type = content_type
@@ -328,7 +344,7 @@ def _error_text(payload: bytes) -> str:
 async def _read_small(resp: aiohttp.ClientResponse) -> bytes:
     try:
         return await asyncio.wait_for(resp.content.read(65536), 5)
-    except (TimeoutError, *TRANSPORT_ERRORS):
+    except (TimeoutError, aiohttp.ClientError, ConnectionError):
         return b""
 
 

@@ -8,8 +8,7 @@ from collections.abc import Callable, Collection
 from corral.backends import BackendRegistry, BackendState, Clock
 from corral.config import BalancerSettings
 from corral.errors import ModelNotFoundError, NoBackendError
-from corral.strategies import RequestInfo, Strategy, create_strategy
-from corral.strategies import weight_for_vram
+from corral.strategies import RequestInfo, Strategy, create_strategy, weight_for_vram
 
 # A resident backend keeps the request unless it is this much busier (in slot fractions)
 # than the least loaded eligible one: a cold load costs seconds, a short wait less.

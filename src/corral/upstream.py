@@ -66,12 +66,17 @@ class Upstream:
 
     async def get_json(self, url: str, timeout_s: float) -> Any:
         """GET ``url`` and decode JSON; raises on transport errors, timeouts and non-2xx."""
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, self.timeouts.connect_s))
+        timeout = aiohttp.ClientTimeout(
+            total=timeout_s, sock_connect=min(timeout_s, self.timeouts.connect_s)
+        )
         async with self.session.get(url, timeout=timeout, allow_redirects=False) as resp:
             body = await resp.read()
             if resp.status >= 400:
                 raise aiohttp.ClientResponseError(
-                    resp.request_info, resp.history, status=resp.status, message=body[:200].decode(errors="replace")
+                    resp.request_info,
+                    resp.history,
+                    status=resp.status,
+                    message=body[:200].decode(errors="replace"),
                 )
             return json.loads(body)
 

@@ -45,15 +45,24 @@ def test_loads_and_single_load(corral: Any) -> None:
         data = c.get(f"{LB}/loads").json()
         assert data["count"] == 1
         entry = data["loads"]["gpu0"]
-        for key in ("instance_id", "active_connections", "total_connections",
-                    "avg_response_time", "last_response_time", "weight", "last_used",
-                    "healthy", "gpu"):
+        for key in (
+            "instance_id",
+            "active_connections",
+            "total_connections",
+            "avg_response_time",
+            "last_response_time",
+            "weight",
+            "last_used",
+            "healthy",
+            "gpu",
+        ):
             assert key in entry
         assert entry["total_connections"] == 1
         assert entry["gpu"] == 0
-        assert c.get(f"{LB}/load", params={"instance_id": "gpu0"}).json() == c.get(
-            f"{LB}/loads"
-        ).json()["loads"]["gpu0"]
+        assert (
+            c.get(f"{LB}/load", params={"instance_id": "gpu0"}).json()
+            == c.get(f"{LB}/loads").json()["loads"]["gpu0"]
+        )
         assert c.get(f"{LB}/load", params={"instance_id": "nope"}).status_code == 404
         assert c.get(f"{LB}/load").status_code == 422
 
@@ -103,7 +112,9 @@ def test_dynamic_backend_expires_without_heartbeat(corral: Any, sim_factory: Any
         assert c.post(f"{LB}/backends/gpu0/heartbeat").status_code == 400
 
 
-def test_admin_key_required_when_set(sim_factory: Any, corral_factory: Any, monkeypatch: Any) -> None:
+def test_admin_key_required_when_set(
+    sim_factory: Any, corral_factory: Any, monkeypatch: Any
+) -> None:
     """With CORRAL_ADMIN_KEY set: no/wrong key → 401 without detail; X-API-Key or Bearer work."""
     monkeypatch.setenv("CORRAL_ADMIN_KEY", "s3cret")
     a = sim_factory(name="a")

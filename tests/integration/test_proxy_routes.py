@@ -28,7 +28,9 @@ def test_generate_stream_passes_through_with_headers(fleet: Any) -> None:
     with (
         corral.client() as client,
         client.stream(
-            "POST", "/api/generate", json={"model": "llama3.2", "prompt": "hi"},
+            "POST",
+            "/api/generate",
+            json={"model": "llama3.2", "prompt": "hi"},
             headers={"X-Request-ID": "req-123"},
         ) as resp,
     ):
@@ -77,7 +79,9 @@ def test_aggregated_tags_ps_models_version(fleet: Any) -> None:
     """tags and /v1/models merge (deduplicated); ps tags each entry with its backend."""
     corral, _, _ = fleet
     with corral.client() as client:
-        tags = client.get("/api/tags").json()["models"]
+        tags_resp = client.get("/api/tags")
+        assert sorted(tags_resp.headers["x-corral-backend"].split(",")) == ["gpu0", "gpu1"]
+        tags = tags_resp.json()["models"]
         names = [m["name"] for m in tags]
         assert len(names) == len(set(names))
         assert "llama3.2:latest" in names
@@ -140,7 +144,9 @@ def test_oversized_body_is_413(sim_factory: Any, corral_factory: Any) -> None:
         r = client.post("/api/generate", content=big)
         assert r.status_code == 413
         assert "too large" in r.json()["error"]
-        r = client.post("/api/generate", json={"model": "llama3.2", "prompt": "ok", "stream": False})
+        r = client.post(
+            "/api/generate", json={"model": "llama3.2", "prompt": "ok", "stream": False}
+        )
         assert r.status_code == 200
     assert sim.stats()["by_route"].get("/api/generate") == 1
 

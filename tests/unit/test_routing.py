@@ -8,13 +8,12 @@ import pytest
 
 from corral.admission import Admission
 from corral.backends import BackendRegistry, BackendState, normalize_model
-from corral.config import BalancerSettings, HealthSettings, QueueSettings
+from corral.config import BalancerSettings, HealthSettings, QueueSettings, TimeoutSettings
 from corral.errors import ModelNotFoundError, NoBackendError
 from corral.health import HealthChecker
 from corral.metrics import Metrics
 from corral.routing import Router
 from corral.upstream import Upstream
-from corral.config import TimeoutSettings
 
 
 class FakeClock:
@@ -51,7 +50,8 @@ def test_only_backends_with_the_model_are_chosen() -> None:
     r = router(backend("a", "llama3.2"), backend("b", "qwen2.5:7b"))
     for _ in range(20):
         chosen = r.pick("qwen2.5:7b", normalize_model("qwen2.5:7b"), "chat")
-        assert chosen is not None and chosen.id == "b"
+        assert chosen is not None
+        assert chosen.id == "b"
 
 
 def test_unknown_model_is_ollamas_404() -> None:
@@ -177,7 +177,8 @@ def test_first_probe_decides_at_once() -> None:
     b = BackendState(id="a", url="http://127.0.0.1:1")
     hc = checker(b, clock=clock)
     hc.record_probe(b, False)
-    assert not b.healthy and b.probed
+    assert not b.healthy
+    assert b.probed
 
 
 def test_passive_ejection_on_transport_errors_and_error_rate() -> None:

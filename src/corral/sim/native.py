@@ -84,9 +84,32 @@ def _validate_common(body: dict[str, Any], raw: str, caps: tuple[str, ...]) -> N
         )
 
 
+_INT_OPTIONS = frozenset(
+    (
+        "num_ctx",
+        "num_batch",
+        "num_gpu",
+        "main_gpu",
+        "num_thread",
+        "num_keep",
+        "seed",
+        "num_predict",
+        "top_k",
+        "repeat_last_n",
+    )
+)
+
+
 def _options(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's Modelfile options; an integer option of another type fails the way
+    Ollama's option parsing does (unknown keys are ignored)."""
     options = body.get("options")
-    return options if isinstance(options, dict) else {}
+    if not isinstance(options, dict):
+        return {}
+    for key, value in options.items():
+        if key in _INT_OPTIONS and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise HTTPError(500, f'option "{key}" must be of type integer')
+    return options
 
 
 async def generate(sim: Sim, ex: Exchange) -> None:
