@@ -274,3 +274,26 @@ async def test_tools_on_model_without_tools(client: httpx.AsyncClient, app: SimA
         400,
         {"error": "registry.ollama.ai/library/llama3.2:latest does not support tools"},
     )
+
+
+async def test_integer_option_of_wrong_type(client: httpx.AsyncClient) -> None:
+    """An integer option given as a string fails with Ollama's option message."""
+    body = {"model": "llama3.2", "prompt": "x", "options": {"num_ctx": "big"}}
+    r = await client.post("/api/generate", json=body)
+    assert r.status_code == 500
+    assert r.json() == {"error": 'option "num_ctx" must be of type integer'}
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("example.com", 403), ("localhost:11434", 200), ("10.0.0.7:11434", 200),
+     ("[::1]:11434", 200), ("gpu0.internal", 200), ("8.8.8.8", 403)],
+)  # fmt: skip
+async def test_check_host(host: str, status: int) -> None:
+    """With check_host, a Host header Ollama (bound to loopback) rejects gets 403, empty."""
+    app = create_sim_app(SimConfig(check_host=True))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:
+        r = await c.get("/api/version", headers={"host": host})
+    assert r.status_code == status
+    if status == 403:
+        assert r.content == b""

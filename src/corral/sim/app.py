@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
@@ -126,6 +128,16 @@ class SimApp:
                 host = value.decode("latin-1")
             elif key == b"x-request-id":
                 request_id = value.decode("latin-1")
+        if self.config.check_host and not host_allowed(host):
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 403,
+                    "headers": [(b"content-length", b"0")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         client = scope.get("client")
         stats = self.sim.stats
         record = stats.begin(
@@ -166,6 +178,25 @@ class SimApp:
             await ex.error(exc.status, exc.message)
         except ClientGone:
             pass
+
+
+def host_allowed(host_header: str) -> bool:
+    """Ollama's ``allowedHostsMiddleware`` for a loopback listener: localhost, loopback,
+    private or unspecified IPs, the machine's hostname and ``*.localhost|local|internal``."""
+    host = host_header.lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host in ("", "localhost", socket.gethostname().lower()):
+        return True
+    if host.endswith((".localhost", ".local", ".internal")):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_unspecified
 
 
 def _cancelled(ex: Exchange) -> None:

@@ -73,6 +73,9 @@ def sim_command(
         int | None, typer.Option(help="Send Ollama's error line after N tokens.")
     ] = None,
     busy: Annotated[bool, typer.Option("--busy", help="Answer inference 503 busy.")] = False,
+    check_host: Annotated[
+        bool, typer.Option("--check-host", help="403 for Host headers Ollama rejects.")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Run a simulated Ollama server (every Ollama route, timing, VRAM and faults)."""
@@ -88,6 +91,7 @@ def sim_command(
         num_parallel=num_parallel,
         max_queue=max_queue,
         vram_bytes=int(vram_gb * GIB),
+        check_host=check_host,
         faults=Faults(
             error_rate=error_rate,
             hang=hang,

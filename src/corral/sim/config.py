@@ -190,7 +190,8 @@ class SimConfig:
 
     Times are seconds. ``num_parallel`` is per loaded model (extra requests queue without limit,
     as in Ollama); ``max_queue`` bounds only the requests waiting for a model load.
-    ``pull_delay_s`` is the pause between pull/push/create progress lines.
+    ``pull_delay_s`` is the pause between pull/push/create progress lines. ``check_host``
+    rejects Host headers the way an Ollama bound to loopback does (403, empty body).
     """
 
     name: str = "sim"
@@ -205,6 +206,7 @@ class SimConfig:
     max_queue: int = 512
     vram_bytes: int = 24 * GIB
     pull_delay_s: float = 0.0
+    check_host: bool = False
     faults: Faults = field(default_factory=Faults)
 
     def timing_json(self) -> dict[str, Any]:

@@ -104,6 +104,9 @@ class Job:
                 raise
         self.runner = runner
         self.load_ns = time.perf_counter_ns() - t
+        if faults.slow_s > 0:
+            # After taking the slot: a slow backend is slow while holding its capacity.
+            await asyncio.sleep(faults.slow_s)
         return self
 
     async def __aexit__(
@@ -119,9 +122,9 @@ class Job:
             self.sim.scheduler.release(runner)
 
     async def prompt(self) -> None:
-        """Prompt processing: ``ttft_s`` plus the ``slow_s`` fault."""
+        """Prompt processing: ``ttft_s``."""
         t = time.perf_counter_ns()
-        delay = self.sim.config.ttft_s + self.sim.config.faults.slow_s
+        delay = self.sim.config.ttft_s
         if delay > 0:
             await asyncio.sleep(delay)
         self.prompt_ns = time.perf_counter_ns() - t
@@ -190,6 +193,6 @@ def num_predict(options: dict[str, Any], default: int) -> tuple[int, str]:
     """Tokens to generate and the done reason: ``num_predict`` >= 0 wins and ends in
     ``length``; otherwise the configured count ends in ``stop``."""
     n = options.get("num_predict")
-    if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
-        return n, "length"
+    if isinstance(n, int | float) and not isinstance(n, bool) and n >= 0:
+        return int(n), "length"
     return default, "stop"

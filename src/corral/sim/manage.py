@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 from corral.sim.config import SimModel
@@ -78,21 +79,31 @@ async def show(sim: Sim, ex: Exchange) -> None:
 
 
 async def _progress(
-    sim: Sim, ex: Exchange, lines: list[dict[str, Any]], stream: bool, error: str | None = None
+    sim: Sim,
+    ex: Exchange,
+    lines: list[dict[str, Any]],
+    stream: bool,
+    error: str | None = None,
+    commit: Callable[[], None] | None = None,
 ) -> None:
     """Stream progress objects then ``error`` if any; without streaming answer only the last
-    object, or a 500 with the error (Ollama's ``waitForStream``)."""
+    object, or a 500 with the error (Ollama's ``waitForStream``). ``commit`` runs just before
+    the last line, so a client gone earlier leaves nothing half-done."""
     delay = sim.config.pull_delay_s
     if not stream:
         if delay > 0:
             await asyncio.sleep(delay * len(lines))
         if error is not None:
             raise HTTPError(500, error)
+        if commit is not None:
+            commit()
         await ex.json(lines[-1])
         return
     for i, obj in enumerate(lines):
         if i and delay > 0:
             await asyncio.sleep(delay)
+        if i == len(lines) - 1 and commit is not None and error is None:
+            commit()
         await ex.emit(dumps(obj) + b"\n", NDJSON_TYPE)
     if error is None:
         await ex.end()
@@ -140,8 +151,8 @@ async def pull(sim: Sim, ex: Exchange) -> None:
         {"status": "writing manifest"},
         {"status": "success"},
     ]
-    sim.store.add(template.renamed(template.name))
-    await _progress(sim, ex, lines, stream)
+    pulled = template.renamed(template.name)
+    await _progress(sim, ex, lines, stream, commit=lambda: sim.store.add(pulled))
 
 
 async def push(sim: Sim, ex: Exchange) -> None:
@@ -237,8 +248,8 @@ async def create(sim: Sim, ex: Exchange) -> None:
             layer = hashlib.sha256(dumps(body[field])).hexdigest()
             lines.append({"status": f"creating new layer sha256:{layer}"})
     lines += [{"status": "writing manifest"}, {"status": "success"}]
-    sim.store.add(model)
-    await _progress(sim, ex, lines, body.get("stream") is not False)
+    stream = body.get("stream") is not False
+    await _progress(sim, ex, lines, stream, commit=lambda: sim.store.add(model))
 
 
 async def copy(sim: Sim, ex: Exchange) -> None:

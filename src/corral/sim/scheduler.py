@@ -19,6 +19,13 @@ from corral.sim.wire import FOREVER_S, HTTPError, local_time
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 
 
+def _int_option(options: dict[str, Any], key: str) -> int | None:
+    value = options.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value)
+
+
 class Slots:
     """A semaphore whose capacity is read live (``num_parallel`` can change at run time)."""
 
@@ -129,11 +136,12 @@ class Scheduler:
             del self.runners[key]
 
     def _wants(self, model: SimModel, options: dict[str, Any]) -> tuple[int, int]:
-        num_ctx = options.get("num_ctx")
-        if not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx <= 0:
+        """The runner options a request asks for: (num_ctx, num_gpu); -1 is automatic."""
+        num_ctx = _int_option(options, "num_ctx")
+        if num_ctx is None or num_ctx <= 0:
             num_ctx = self.default_num_ctx()
-        num_gpu = options.get("num_gpu")
-        if not isinstance(num_gpu, int) or isinstance(num_gpu, bool) or num_gpu < 0:
+        num_gpu = _int_option(options, "num_gpu")
+        if num_gpu is None or num_gpu < 0:
             num_gpu = -1
         return min(num_ctx, model.context_length), num_gpu
 

@@ -56,21 +56,25 @@ class ConnectionAborted(Exception):
 
 # --- time -----------------------------------------------------------------------------------
 
-_utc_cache: list[Any] = [-1, ""]
+# (second, "YYYY-mm-ddTHH:MM:SS"): replaced whole, so simulators on other threads never see a
+# second paired with another second's text.
+_utc_prefix: tuple[int, str] = (-1, "")
 
 FOREVER_S = 9223372036.854775807  # math.MaxInt64 nanoseconds, Ollama's "forever"
 
 
 def utc_now() -> str:
     """``time.Now().UTC()`` in RFC 3339 with nanoseconds, trailing zeros dropped (Go style)."""
+    global _utc_prefix
     sec, frac = divmod(time.time_ns(), 1_000_000_000)
-    if _utc_cache[0] != sec:
+    cached_sec, prefix = _utc_prefix
+    if cached_sec != sec:
         # strftime is the slow part; tokens share a second, so cache the prefix.
-        _utc_cache[0] = sec
-        _utc_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _utc_prefix = (sec, prefix)
     if frac:
-        return f"{_utc_cache[1]}.{frac:09d}".rstrip("0") + "Z"
-    return f"{_utc_cache[1]}Z"
+        return f"{prefix}.{frac:09d}".rstrip("0") + "Z"
+    return f"{prefix}Z"
 
 
 def local_time(ts: float) -> str:
