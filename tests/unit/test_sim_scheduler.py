@@ -72,6 +72,52 @@ async def test_oversized_model_loads_partially_and_cpu_only() -> None:
     assert cpu.size_vram == 0
 
 
+async def test_concurrent_requests_share_one_load() -> None:
+    """Requests arriving while a model loads wait for that one load and share the runner."""
+    a = model("a:latest", 1)
+    s = sched(a, load_s=0.05)
+    start = time.perf_counter()
+    r1, r2 = await asyncio.gather(*(s.acquire("a:latest", a, None, {}) for _ in range(2)))
+    assert r1 is r2
+    assert r1.refs == 2
+    assert time.perf_counter() - start < 0.095
+    s.release(r1)
+    s.release(r2)
+
+
+async def test_cancelled_load_leaves_nothing_loaded() -> None:
+    """A request cancelled while its model loads removes the half-loaded runner."""
+    a = model("a:latest", 1)
+    s = sched(a, load_s=5)
+    task = asyncio.create_task(s.acquire("a:latest", a, None, {}))
+    await asyncio.sleep(0.01)
+    assert len(s.ps()) == 1  # loading models already show in /api/ps
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert s.runners == {}
+    assert s.pending == 0
+
+
+async def test_num_gpu_layers_offload_part() -> None:
+    """num_gpu N below the block count puts N/blocks of the model in VRAM."""
+    a = model("a:latest", 2.8)
+    s = sched(a)
+    runner = await s.acquire("a:latest", a, None, {"num_gpu": 14})
+    assert runner.size_vram == runner.size // 2
+
+
+async def test_expire_busy_model_unloads_after_last_request() -> None:
+    """Unloading a busy model waits for its last request, then it is gone."""
+    a = model("a:latest", 1)
+    s = sched(a)
+    runner = await s.acquire("a:latest", a, None, {})
+    s.expire("a:latest")
+    assert "a:latest" in s.runners
+    s.release(runner)
+    assert s.runners == {}
+
+
 async def test_keep_alive_expiry_and_zero() -> None:
     """An idle runner unloads once keep_alive passed; keep_alive 0 unloads on release."""
     a = model("a:latest", 1)

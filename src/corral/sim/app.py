@@ -164,6 +164,12 @@ class SimApp:
             if task is not None and task.uncancel() > 0:
                 raise
             _cancelled(ex)
+        except Exception as exc:
+            # A simulator bug (or the drop fault outside uvicorn): count it, let the server
+            # answer 500 or close the connection.
+            record.status = record.status or 500
+            record.error = record.error or repr(exc)
+            raise
         finally:
             ex.stop_watching()
             stats.end(record)
