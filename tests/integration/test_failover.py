@@ -199,3 +199,25 @@ def test_disconnect_while_waiting_for_first_token(sim_factory: Any, corral_facto
         client.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False})
     assert poll(lambda: sim.stats()["cancelled"] >= 1, 1.0)
     assert poll(lambda: corral.call(lambda: corral.runtime.registry.get("a").in_flight) == 0, 1.0)
+
+
+def test_openai_stream_drop_raises_in_the_client(sim_factory: Any, corral_factory: Any) -> None:
+    """On /v1 a backend dying mid-stream becomes an OpenAI error event the openai client raises."""
+    import openai
+
+    sim = sim_factory(name="a")
+    sim.set_faults(drop_after_tokens=2)
+    corral = corral_factory([{"id": "a", "url": sim.url}])
+    client = openai.OpenAI(base_url=f"{corral.url}/v1", api_key="unused")
+    try:
+        stream = client.chat.completions.create(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        got: list[str] = []
+        with pytest.raises(openai.APIError, match="failed mid-stream"):
+            for chunk in stream:
+                if chunk.choices:
+                    got.append(chunk.choices[0].delta.content or "")
+        assert len(got) == 2
+    finally:
+        client.close()
