@@ -60,7 +60,8 @@ class BackendState:
     model_names: list[str] = field(default_factory=list)  # as the backend spells them
     resident: dict[str, dict[str, Any]] = field(default_factory=dict)  # from /api/ps
     ttft: PeakEwma = field(default_factory=PeakEwma)
-    outcomes: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=1000))
+    outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
+    bad_outcomes: int = 0  # failures among ``outcomes``, kept so reading it is O(1)
     probe_history: deque[bool] = field(default_factory=lambda: deque(maxlen=20))
 
     @classmethod
@@ -80,6 +81,18 @@ class BackendState:
     def available(self, now: float) -> bool:
         """Takes new requests: healthy, not draining, not ejected."""
         return self.healthy and not self.draining and self.ejected_until <= now
+
+    def add_outcome(self, at: float, ok: bool, keep: int = 1000) -> None:
+        """Remember one request outcome (the last ``keep`` are kept)."""
+        self.outcomes.append((at, ok))
+        self.bad_outcomes += not ok
+        if len(self.outcomes) > keep:
+            _, old_ok = self.outcomes.popleft()
+            self.bad_outcomes -= not old_ok
+
+    def clear_outcomes(self) -> None:
+        self.outcomes.clear()
+        self.bad_outcomes = 0
 
     def has_model(self, key: str) -> bool:
         return key in self.models
@@ -107,7 +120,7 @@ class BackendState:
             sum(self.probe_history) / len(self.probe_history) if self.probe_history else 1.0
         )
         total = len(self.outcomes)
-        success = 1.0 if total == 0 else sum(ok for _, ok in self.outcomes) / total
+        success = 1.0 if total == 0 else 1.0 - self.bad_outcomes / total
         return Candidate(
             id=self.id,
             weight=weight,

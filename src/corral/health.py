@@ -143,7 +143,7 @@ class HealthChecker:
     def record_result(self, backend: BackendState, ok: bool, *, transport: bool = False) -> None:
         """Record a proxied request's outcome. Ollama's 503 busy is load: do not call for it."""
         now = self._clock()
-        backend.outcomes.append((now, ok))
+        backend.add_outcome(now, ok)
         if ok:
             backend.consecutive_errors = 0
             if backend.ejections and not backend.is_ejected(now):
@@ -166,7 +166,7 @@ class HealthChecker:
         duration = min(self.settings.ejection_s * backend.ejections, self.settings.max_ejection_s)
         backend.ejected_until = now + duration
         backend.consecutive_errors = 0
-        backend.outcomes.clear()
+        backend.clear_outcomes()
         self.metrics.transitions.labels(backend=backend.id, to="ejected").inc()
         self.metrics.backend_up.labels(backend=backend.id).set(0)
         log.warning("backend ejected", backend=backend.id, reason=reason, for_s=round(duration, 1))

@@ -211,3 +211,17 @@ def test_successes_do_not_eject() -> None:
     for _ in range(100):
         hc.record_result(b, True)
     assert not b.is_ejected(clock.now)
+
+
+def test_success_rate_tracks_the_last_thousand_outcomes() -> None:
+    """The score strategy's success rate covers recent requests and forgets old failures."""
+    b = backend("a")
+    for _ in range(500):
+        b.add_outcome(0.0, False)
+    assert b.candidate(1.0).success_rate == 0.0
+    for _ in range(750):
+        b.add_outcome(1.0, True)
+    assert b.candidate(1.0).success_rate == 0.75
+    for _ in range(250):
+        b.add_outcome(2.0, True)
+    assert b.candidate(1.0).success_rate == 1.0
