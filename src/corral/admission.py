@@ -1,21 +1,62 @@
-"""Admission: wait for a free slot when every eligible backend is full."""
+"""Admission: slots per backend and a central priority queue with late binding.
+
+A request that finds a free slot goes straight through. Otherwise it waits here, not in some
+backend's own queue: the moment any eligible slot frees, the most deserving waiter (priority
+class plus aging, FIFO within a class) gets whichever backend the strategy then picks. The
+slot is reserved for it before it wakes, so no other request can take it in between.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Collection
+from dataclasses import dataclass, field
 
 from corral.backends import BackendState, Clock
 from corral.config import QueueSettings
-from corral.errors import NoBackendError
+from corral.errors import NoBackendError, RoutingError
 from corral.metrics import Metrics
 from corral.routing import Router
 
+PRIORITIES: dict[str, int] = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
+PRIORITY_NAMES = {rank: name for name, rank in PRIORITIES.items()}
+
+
+def parse_priority(value: str | None) -> int:
+    """The rank of an ``X-Priority`` value (default normal); ValueError when unknown."""
+    if value is None or not value.strip():
+        return PRIORITIES["normal"]
+    try:
+        return PRIORITIES[value.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"invalid X-Priority {value.strip()!r}: expected low, normal, high or urgent"
+        ) from None
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One queued request."""
+
+    model: str
+    model_key: str | None
+    route: str
+    exclude: Collection[str]
+    rank: int
+    enqueued: float
+    seq: int
+    future: asyncio.Future[BackendState] = field(repr=False)
+
+    def effective(self, now: float, aging_s: float) -> float:
+        """Class rank, raised by one class for every ``aging_s`` waited (so low never starves)."""
+        return self.rank + (now - self.enqueued) / aging_s
+
 
 class Admission:
-    """Hands out backends with a free slot; queues (bounded, with a deadline) when all are full."""
+    """Hands out reserved slots; queues by priority when every eligible backend is full."""
 
     def __init__(
         self,
@@ -26,47 +67,144 @@ class Admission:
         clock: Clock = time.monotonic,
     ) -> None:
         self.router = router
+        self.registry = router.registry
         self.settings = settings
         self.metrics = metrics
         self._clock = clock
-        self.queued = 0
+        self._waiters: list[Waiter] = []
+        self._seq = itertools.count()
+        self.closed_reason: str | None = None
+        self.registry.on_capacity(self.dispatch)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def queued_by_priority(self) -> dict[str, int]:
+        counts = dict.fromkeys(PRIORITIES, 0)
+        for w in self._waiters:
+            counts[PRIORITY_NAMES[w.rank]] += 1
+        return counts
 
     async def acquire(
-        self, model: str, model_key: str | None, route: str, exclude: Collection[str] = ()
+        self,
+        model: str,
+        model_key: str | None,
+        route: str,
+        exclude: Collection[str] = (),
+        *,
+        rank: int = 1,
+        enqueued: float | None = None,
     ) -> BackendState:
-        """A backend with a free slot. The caller leases it before awaiting anything else."""
-        registry = self.router.registry
-        changed = registry.changed
-        backend = self.router.pick(model, model_key, route, exclude)
-        if backend is not None:
-            return backend
-        if self.queued >= self.settings.max_size:
+        """A backend with one slot already reserved for the caller (release it when done).
+
+        ``enqueued`` keeps a retried request's place in the queue. Raises RoutingError
+        (ModelNotFoundError, NoBackendError) when the request cannot be placed.
+        """
+        if self.closed_reason is not None:
+            self._reject("draining")
+            raise NoBackendError(self.closed_reason, self._retry_after())
+        if not self._waiters or rank > max(w.rank for w in self._waiters):
+            # Nobody waits ahead of this request: take a free slot if there is one.
+            backend = self.router.pick(model, model_key, route, exclude)
+            if backend is not None:
+                self.registry.reserve(backend)
+                return backend
+        else:
+            # Others wait: check the request is servable at all before queueing it.
+            self.router.eligible(model_key, exclude)
+        return await self._wait(model, model_key, route, exclude, rank, enqueued)
+
+    async def _wait(
+        self,
+        model: str,
+        model_key: str | None,
+        route: str,
+        exclude: Collection[str],
+        rank: int,
+        enqueued: float | None,
+    ) -> BackendState:
+        if len(self._waiters) >= self.settings.max_size:
+            self._reject("queue_full")
             raise NoBackendError("all backends are busy and the queue is full", self._retry_after())
-        started = self._clock()
-        deadline = started + self.settings.timeout_s
-        self.queued += 1
-        gauge = self.metrics.queue_depth.labels(priority="normal")
+        now = self._clock()
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(
+            model,
+            model_key,
+            route,
+            exclude,
+            rank,
+            now if enqueued is None else enqueued,
+            next(self._seq),
+            loop.create_future(),
+        )
+        self._waiters.append(waiter)
+        gauge = self.metrics.queue_depth.labels(priority=PRIORITY_NAMES[rank])
         gauge.inc()
+        self.dispatch()  # a slot may be free for this request already
         try:
-            while True:
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    raise NoBackendError(
-                        f"all backends are busy (waited {self.settings.timeout_s:g}s in queue)",
-                        self._retry_after(),
-                    )
-                try:
-                    await asyncio.wait_for(changed.wait(), remaining)
-                except TimeoutError:
-                    continue
-                changed = registry.changed
-                backend = self.router.pick(model, model_key, route, exclude)
-                if backend is not None:
-                    return backend
+            remaining = waiter.enqueued + self.settings.timeout_s - now
+            return await asyncio.wait_for(asyncio.shield(waiter.future), max(remaining, 0))
+        except TimeoutError:
+            if waiter.future.done() and waiter.future.exception() is None:
+                return waiter.future.result()  # granted at the deadline: use it
+            self._reject("queue_timeout")
+            raise NoBackendError(
+                f"all backends are busy (waited {self.settings.timeout_s:g}s in queue)",
+                self._retry_after(),
+            ) from None
+        except asyncio.CancelledError:
+            # The client left (or corral stops): give back a slot granted meanwhile.
+            if waiter.future.done() and waiter.future.exception() is None:
+                self.registry.release(waiter.future.result())
+            raise
         finally:
-            self.queued -= 1
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if not waiter.future.done():
+                waiter.future.cancel()
             gauge.dec()
-            self.metrics.queue_wait.observe(self._clock() - started)
+            self.metrics.queue_wait.observe(self._clock() - now)
+
+    def dispatch(self) -> None:
+        """Grant free slots to waiters, most deserving first. Called when capacity appears."""
+        if not self._waiters:
+            return
+        now = self._clock()
+        aging = self.settings.aging_s
+        order = sorted(self._waiters, key=lambda w: (-w.effective(now, aging), w.seq))
+        for waiter in order:
+            if waiter.future.done():
+                continue
+            try:
+                backend = self.router.pick(
+                    waiter.model, waiter.model_key, waiter.route, waiter.exclude
+                )
+            except RoutingError:
+                continue  # its backends are down for now: keep waiting until its deadline
+            if backend is None:
+                continue
+            self.registry.reserve(backend)
+            waiter.future.set_result(backend)
+            self._waiters.remove(waiter)
+
+    def close(self, reason: str) -> int:
+        """Stop admitting (shutdown): every queued request gets 503 now; returns how many."""
+        self.closed_reason = reason
+        failed = 0
+        for waiter in list(self._waiters):
+            if not waiter.future.done():
+                waiter.future.set_exception(NoBackendError(reason, self._retry_after()))
+                failed += 1
+            self._waiters.remove(waiter)
+        if failed:
+            self.metrics.rejections.labels(reason="draining").inc(failed)
+        return failed
+
+    def _reject(self, reason: str) -> None:
+        self.metrics.rejections.labels(reason=reason).inc()
 
     def _retry_after(self) -> int:
+        # Roughly how long until slots turn over; never less than a second.
         return max(1, math.ceil(min(self.settings.timeout_s, 30) / 4))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -134,14 +133,14 @@ class BackendState:
 
 
 class BackendRegistry:
-    """Owns the backends; counts in-flight requests through :meth:`lease`."""
+    """Owns the backends and their slots (:meth:`reserve` / :meth:`release`)."""
 
     def __init__(self, backends: Iterable[BackendState] = (), *, clock: Clock = time.monotonic):
         self._backends: dict[str, BackendState] = {}
         self._clock = clock
-        # Set whenever a slot frees or the fleet changes, so queued requests re-check.
-        self.changed = asyncio.Event()
         self._listeners: list[Callable[[str, BackendState | None], None]] = []
+        # Called whenever capacity may have appeared: a slot freed, a backend came up or joined.
+        self._capacity_listeners: list[Callable[[], None]] = []
         for backend in backends:
             self.add(backend)
 
@@ -154,9 +153,13 @@ class BackendRegistry:
             listener(event, backend)
         self.notify()
 
+    def on_capacity(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever a slot may have become free (the queue dispatches)."""
+        self._capacity_listeners.append(listener)
+
     def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
+        for listener in self._capacity_listeners:
+            listener()
 
     def __iter__(self) -> Any:
         return iter(list(self._backends.values()))
@@ -222,14 +225,22 @@ class BackendRegistry:
             self.remove(backend_id)
         return gone
 
-    @asynccontextmanager
-    async def lease(self, backend: BackendState) -> AsyncIterator[BackendState]:
-        """Count one in-flight request on ``backend`` for the duration of the block."""
+    def reserve(self, backend: BackendState) -> None:
+        """Take one slot on ``backend`` (counted in-flight until :meth:`release`)."""
         backend.in_flight += 1
         backend.total_requests += 1
         backend.last_used = time.time()
+
+    def release(self, backend: BackendState) -> None:
+        """Give a slot back; queued requests are dispatched at once."""
+        backend.in_flight -= 1
+        self.notify()
+
+    @asynccontextmanager
+    async def lease(self, backend: BackendState) -> AsyncIterator[BackendState]:
+        """Hold one slot on ``backend`` for the duration of the block."""
+        self.reserve(backend)
         try:
             yield backend
         finally:
-            backend.in_flight -= 1
-            self.notify()
+            self.release(backend)

@@ -80,6 +80,7 @@ class TimeoutSettings(_Section):
 class QueueSettings(_Section):
     max_size: int = Field(512, ge=0)
     timeout_s: float = Field(60, gt=0)
+    aging_s: float = Field(10, gt=0)
 
 
 class GpuSettings(_Section):

@@ -86,6 +86,19 @@ class Metrics:
         self.queue_depth = Gauge(
             "corral_queue_depth", "Requests waiting for a free slot.", ["priority"], registry=r
         )
+        self.rejections = Counter(
+            "corral_rejections",
+            "Requests answered 503 without a backend, by reason "
+            "(queue_full, queue_timeout, draining, no_backend).",
+            ["reason"],
+            registry=r,
+        )
+        self.slot_utilization = Gauge(
+            "corral_backend_slot_utilization_ratio",
+            "In-flight requests over max_concurrent, per backend.",
+            ["backend"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "corral_queue_wait_seconds",
             "Time requests waited for a free slot.",
@@ -99,7 +112,7 @@ class Metrics:
 
     def forget_backend(self, backend_id: str) -> None:
         """Drop per-backend gauge series of a removed backend."""
-        for gauge in (self.in_flight, self.backend_up):
+        for gauge in (self.in_flight, self.backend_up, self.slot_utilization):
             with contextlib.suppress(KeyError):
                 gauge.remove(backend_id)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from corral.admission import parse_priority
 from corral.backends import BackendRegistry, normalize_model
 from corral.errors import ModelNotFoundError, NoBackendError, RoutingError
 from corral.metrics import Metrics
@@ -57,6 +58,14 @@ MANAGEMENT = {
 }
 _JSON = (b"content-type", b"application/json; charset=utf-8")
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
 
 
 def _request_id(scope: Scope) -> str:
@@ -214,6 +223,11 @@ class OllamaFront:
         path: str,
     ) -> None:
         openai = spec.openai
+        try:
+            rank = parse_priority(_header(scope, b"x-priority"))
+        except ValueError as exc:
+            await self._fail(send, 400, str(exc), openai, request_id)
+            return
         headers = _forward_headers(scope, request_id)
         task = asyncio.current_task()
         assert task is not None
@@ -242,6 +256,7 @@ class OllamaFront:
                 route=spec,
                 request_id=request_id,
                 extra_headers=[],
+                rank=rank,
             )
         except RoutingError as exc:
             status = exc.status

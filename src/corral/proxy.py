@@ -123,6 +123,7 @@ class Forwarder:
         route: RouteSpec,
         request_id: str,
         extra_headers: list[tuple[bytes, bytes]],
+        rank: int = 1,
     ) -> tuple[int, str | None, dict[str, Any]]:
         """Serve the request; returns (status, backend id, log fields). Raises RoutingError
         only while nothing has been sent to the client."""
@@ -133,10 +134,19 @@ class Forwarder:
         budget = self.budget
         budget.active += 1
         last_error: RoutingError | None = None
+        enqueued = time.monotonic()
         try:
             while attempts < self.settings.max_attempts:
                 try:
-                    backend = await self.admission.acquire(model, model_key, route.name, tried)
+                    # A retry keeps its place in the queue and jumps one class ahead.
+                    backend = await self.admission.acquire(
+                        model,
+                        model_key,
+                        route.name,
+                        tried,
+                        rank=rank + (1 if attempts else 0),
+                        enqueued=enqueued,
+                    )
                 except RoutingError as exc:
                     if last_error is not None and isinstance(exc, NoBackendError):
                         raise last_error from None
@@ -192,35 +202,37 @@ class Forwarder:
     ) -> tuple[int, dict[str, Any]] | RoutingError:
         metrics = self.metrics
         in_flight = metrics.in_flight.labels(backend=backend.id)
-        async with self.registry.lease(backend):
-            in_flight.inc()
-            resp: aiohttp.ClientResponse | None = None
+        utilization = metrics.slot_utilization.labels(backend=backend.id)
+        # The slot was reserved by admission; it is released below in every path.
+        in_flight.inc()
+        utilization.set(backend.in_flight / backend.max_concurrent)
+        resp: aiohttp.ClientResponse | None = None
+        try:
             try:
-                try:
-                    resp = await self.upstream.open(method, backend.url + path, headers, body)
-                except TimeoutError:
-                    # Sent but no answer in first_token_s: retrying would double GPU work.
+                resp = await self.upstream.open(method, backend.url + path, headers, body)
+            except TimeoutError:
+                # Sent but no answer in first_token_s: retrying would double GPU work.
+                self.health.record_result(backend, False)
+                return _Timeout(f"backend {backend.id} did not answer in time", 504)
+            except TRANSPORT_ERRORS as exc:
+                self.health.record_result(backend, False, transport=True)
+                return _Transport(f"backend {backend.id} unreachable: {_describe(exc)}")
+            status = resp.status
+            if status >= 500 and can_retry:
+                payload = await _read_small(resp)
+                busy = status == 503 and _BUSY in payload
+                if not busy:
                     self.health.record_result(backend, False)
-                    return _Timeout(f"backend {backend.id} did not answer in time", 504)
-                except TRANSPORT_ERRORS as exc:
-                    self.health.record_result(backend, False, transport=True)
-                    return _Transport(f"backend {backend.id} unreachable: {_describe(exc)}")
-                status = resp.status
-                if status >= 500 and can_retry:
-                    payload = await _read_small(resp)
-                    busy = status == 503 and _BUSY in payload
-                    if not busy:
-                        self.health.record_result(backend, False)
-                    return _Status(
-                        status, payload, resp.headers.get("Content-Type", ""), busy, backend.id
-                    )
-                return await self._relay(
-                    send, backend, resp, route, request_id, extra_headers, started
+                return _Status(
+                    status, payload, resp.headers.get("Content-Type", ""), busy, backend.id
                 )
-            finally:
-                in_flight.dec()
-                if resp is not None:
-                    resp.close()
+            return await self._relay(send, backend, resp, route, request_id, extra_headers, started)
+        finally:
+            in_flight.dec()
+            if resp is not None:
+                resp.close()
+            self.registry.release(backend)
+            utilization.set(backend.in_flight / backend.max_concurrent)
 
     async def _relay(
         self,

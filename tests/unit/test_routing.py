@@ -126,6 +126,7 @@ async def test_queue_waits_for_a_slot_then_dispatches() -> None:
         assert adm.queued == 1
     got = await asyncio.wait_for(waiter, 1)
     assert got is a
+    assert a.in_flight == 1, "the slot is reserved for the waiter before it wakes"
     assert adm.queued == 0
 
 
