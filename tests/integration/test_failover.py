@@ -214,10 +214,14 @@ def test_openai_stream_drop_raises_in_the_client(sim_factory: Any, corral_factor
             model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
         )
         got: list[str] = []
-        with pytest.raises(openai.APIError, match="failed mid-stream"):
+
+        def consume() -> None:
             for chunk in stream:
                 if chunk.choices:
                     got.append(chunk.choices[0].delta.content or "")
+
+        with pytest.raises(openai.APIError, match="failed mid-stream"):
+            consume()
         assert len(got) == 2
     finally:
         client.close()

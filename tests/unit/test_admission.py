@@ -82,7 +82,7 @@ async def test_never_more_than_the_slots() -> None:
 
 async def test_urgent_overtakes_normal_and_fifo_within_a_class() -> None:
     """Queued urgent requests go first; within one class, first come first served."""
-    adm, (b,) = setup(slots=1)
+    adm, (_b,) = setup(slots=1)
     held = await adm.acquire("m", "m:latest", "x")
     order: list[str] = []
 
@@ -104,7 +104,7 @@ async def test_urgent_overtakes_normal_and_fifo_within_a_class() -> None:
 async def test_low_is_served_within_its_aging_bound() -> None:
     """Under a steady stream of high requests a low one is served once aged past them."""
     clock = FakeClock()
-    adm, (b,) = setup(slots=1, clock=clock, aging_s=10)
+    adm, (_b,) = setup(slots=1, clock=clock, aging_s=10)
     held = await adm.acquire("m", "m:latest", "x")
     low = asyncio.create_task(adm.acquire("m", "m:latest", "x", rank=LOW))
     await settle()
@@ -144,7 +144,7 @@ async def test_cancelled_waiter_leaves_the_queue_at_once() -> None:
 async def test_queue_full_timeout_and_close_are_503() -> None:
     """Past max_size, past timeout_s, or when shutting down: NoBackendError with Retry-After."""
     clock = FakeClock()
-    adm, (b,) = setup(slots=1, clock=clock, max_size=1, timeout_s=0.05)
+    adm, (_b,) = setup(slots=1, clock=clock, max_size=1, timeout_s=0.05)
     await adm.acquire("m", "m:latest", "x")
     first = asyncio.create_task(adm.acquire("m", "m:latest", "x"))
     await settle()
@@ -167,7 +167,7 @@ async def test_queue_full_timeout_and_close_are_503() -> None:
 
 async def test_waiter_for_another_model_does_not_block() -> None:
     """A request queued for a busy model does not hold back one whose backend is free."""
-    adm, (b0, b1) = setup(slots=1, backends=2)
+    adm, (_b0, b1) = setup(slots=1, backends=2)
     b1.models = {"other:latest"}
     await adm.acquire("m", "m:latest", "x")
     blocked = asyncio.create_task(adm.acquire("m", "m:latest", "x"))
