@@ -1,0 +1,161 @@
+"""Turning rounds into medians, ratios and verdicts; the rich table and the markdown table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from _stats import median_of
+
+# Targets from the issue.
+MAX_ADDED_P50_MS = 1.0
+MIN_RPS_VS_NGINX = 0.2
+MIN_CHUNKS_VS_DIRECT = 0.97
+
+Medians = dict[str, dict[str, dict[str, float]]]  # target -> phase -> metric -> median
+
+COLUMNS = [
+    # (phase, metric, header, format)
+    ("saturated", "rps", "req/s", "{:,.0f}"),
+    ("saturated", "p50_ms", "p50 ms", "{:.2f}"),
+    ("saturated", "p99_ms", "p99 ms", "{:.2f}"),
+    ("saturated", "cpu_us_per_request", "CPU µs/req", "{:.0f}"),
+    ("paced", "p50_ms", "paced p50 ms", "{:.2f}"),
+    ("paced", "p99_ms", "paced p99 ms", "{:.2f}"),
+    ("unloaded", "p50_ms", "1-conn p50 ms", "{:.3f}"),
+    ("stream", "ttfb_p50_ms", "TTFB p50 ms", "{:.2f}"),
+    ("stream", "chunks_per_s", "chunks/s", "{:,.0f}"),
+    ("stream", "cpu_us_per_chunk", "CPU µs/chunk", "{:.1f}"),
+]
+
+RATIOS = [
+    # (key, verdict key or None, header, format)
+    ("rps_vs_nginx", "pass_rps", f"req/s ÷ nginx (≥ {MIN_RPS_VS_NGINX:g})", "{:.3f}×"),
+    (
+        "added_p50_paced_ms",
+        "pass_p50_paced",
+        f"added paced p50 ms (≤ {MAX_ADDED_P50_MS:g})",
+        "{:+.2f}",
+    ),
+    ("added_p50_unloaded_ms", "pass_p50_unloaded", "added 1-conn p50 ms", "{:+.3f}"),
+    ("added_p50_saturated_ms", "pass_p50_saturated", "added saturated p50 ms", "{:+.2f}"),
+    (
+        "chunks_vs_direct",
+        "pass_chunks",
+        f"chunks/s ÷ direct (≥ {MIN_CHUNKS_VS_DIRECT:g})",
+        "{:.3f}×",
+    ),
+    ("added_ttfb_p50_ms", None, "added TTFB p50 ms", "{:+.2f}"),
+]
+
+
+def medians(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per phase, the median over rounds of every numeric metric; errors are summed."""
+    out: dict[str, dict[str, float]] = {}
+    for phase, rounds in results.items():
+        keys = {k for r in rounds for k, v in r.items() if isinstance(v, int | float)}
+        out[phase] = {k: median_of(r.get(k, math.nan) for r in rounds) for k in keys}
+        out[phase]["errors"] = sum(r.get("errors", 0) for r in rounds)
+    return out
+
+
+def _get(med: Medians, target: str, phase: str, metric: str) -> float:
+    return med.get(target, {}).get(phase, {}).get(metric, math.nan)
+
+
+def verdicts(med: Medians) -> dict[str, dict[str, Any]]:
+    """For every proxy but nginx: the ratios against direct and nginx, and PASS (True) / MISS."""
+    out: dict[str, dict[str, Any]] = {}
+    has_nginx = "nginx" in med
+    for name in med:
+        if name in ("direct", "nginx"):
+            continue
+
+        def added(phase: str, metric: str = "p50_ms", name: str = name) -> float:
+            return _get(med, name, phase, metric) - _get(med, "direct", phase, metric)
+
+        rps = _get(med, name, "saturated", "rps")
+        v: dict[str, Any] = {
+            "rps_vs_nginx": rps / _get(med, "nginx", "saturated", "rps") if has_nginx else None,
+            "rps_vs_direct": rps / _get(med, "direct", "saturated", "rps"),
+            "added_p50_paced_ms": added("paced"),
+            "added_p50_unloaded_ms": added("unloaded"),
+            "added_p50_saturated_ms": added("saturated"),
+            "chunks_vs_direct": _get(med, name, "stream", "chunks_per_s")
+            / _get(med, "direct", "stream", "chunks_per_s"),
+            "added_ttfb_p50_ms": added("stream", "ttfb_p50_ms"),
+        }
+        v["pass_rps"] = None if v["rps_vs_nginx"] is None else v["rps_vs_nginx"] >= MIN_RPS_VS_NGINX
+        for phase in ("paced", "unloaded", "saturated"):
+            value = v[f"added_p50_{phase}_ms"]
+            v[f"pass_p50_{phase}"] = None if math.isnan(value) else value <= MAX_ADDED_P50_MS
+        v["pass_chunks"] = v["chunks_vs_direct"] >= MIN_CHUNKS_VS_DIRECT
+        out[name] = v
+    return out
+
+
+def fmt(value: float | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return spec.format(value)
+
+
+def mark(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def _cells(med: Medians, name: str) -> list[str]:
+    return [fmt(_get(med, name, phase, key), spec) for phase, key, _, spec in COLUMNS]
+
+
+def _ratio_cells(v: dict[str, Any], color: bool) -> list[str]:
+    cells = []
+    for key, verdict, _, spec in RATIOS:
+        cell = fmt(v.get(key), spec)
+        if verdict is not None:
+            ok = v.get(verdict)
+            text = mark(ok)
+            if color:
+                style = "green" if ok else ("red" if ok is False else "dim")
+                text = f"[{style}]{text}[/{style}]"
+            cell += f" {text}"
+        cells.append(cell)
+    return cells
+
+
+def markdown(med: Medians, ver: dict[str, dict[str, Any]]) -> str:
+    """Both tables in GitHub markdown, for the README."""
+    lines = ["| target | " + " | ".join(h for _, _, h, _ in COLUMNS) + " |"]
+    lines.append("|---|" + "---:|" * len(COLUMNS))
+    lines += [f"| {n} | " + " | ".join(_cells(med, n)) + " |" for n in med]
+    lines += ["", "| vs | " + " | ".join(h for _, _, h, _ in RATIOS) + " |"]
+    lines.append("|---|" + "---:|" * len(RATIOS))
+    lines += [f"| {n} | " + " | ".join(_ratio_cells(v, False)) + " |" for n, v in ver.items()]
+    return "\n".join(lines)
+
+
+def print_tables(med: Medians, ver: dict[str, dict[str, Any]]) -> None:
+    """Both tables with rich (wide enough not to wrap), or as markdown without it."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(markdown(med, ver))
+        return
+    console = Console(width=200)
+    table = Table(title="medians of the rounds")
+    table.add_column("target")
+    for _, _, header, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    table.add_column("errors", justify="right")
+    for name in med:
+        errors = sum(p.get("errors", 0) for p in med[name].values())
+        table.add_row(name, *_cells(med, name), str(int(errors)))
+    console.print(table)
+    ratios = Table(title="against the targets")
+    ratios.add_column("vs")
+    for _, _, header, _ in RATIOS:
+        ratios.add_column(header, justify="right")
+    for name, v in ver.items():
+        ratios.add_row(name, *_ratio_cells(v, True))
+    console.print(ratios)
