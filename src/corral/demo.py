@@ -12,7 +12,7 @@ from rich.console import Console
 
 from corral.config import load_config
 from corral.logs import configure_logging
-from corral.server import uvicorn_config
+from corral.server import build_server
 
 console = Console()
 
@@ -106,9 +106,8 @@ async def _demo(port: int, strategy: str) -> None:
         _sim_server("gpu0-fast", fast_port, ttft_s=0.05, token_interval_s=0.02),
         _sim_server("gpu1-slow", slow_port, ttft_s=0.3, token_interval_s=0.08),
     ]
-    cfg = uvicorn_config(settings)
-    cfg.loop = "none"
-    corral = uvicorn.Server(cfg)
+    corral = build_server(settings)
+    corral.config.loop = "none"
     tasks = []
     for server in [*servers, corral]:
         task = asyncio.create_task(server.serve())

@@ -14,6 +14,7 @@ from corral.lifecycle import Lifecycle
 from corral.metrics import Metrics
 from corral.proxy import Forwarder
 from corral.routing import Router
+from corral.systemd import sd_notify
 from corral.upstream import Upstream
 
 log = structlog.get_logger("corral")
@@ -74,6 +75,31 @@ class Runtime:
             strategy=self.router.strategy_name,
         )
         self.lifecycle.start("health", self.health.run())
+        sd_notify("READY=1")
+
+    async def drain(self, grace_s: float) -> bool:
+        """Stop admitting (queued and new requests get 503), wait for in-flight ones to end.
+
+        Returns True when everything finished within ``grace_s``.
+        """
+        self.draining = True
+        self.admission.close("corral is shutting down")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        idle = asyncio.Event()
+
+        def check() -> None:
+            if all(b.in_flight == 0 for b in self.registry.all()):
+                idle.set()
+
+        self.registry.on_capacity(check)
+        check()
+        remaining = deadline - loop.time()
+        try:
+            await asyncio.wait_for(idle.wait(), max(remaining, 0))
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         await self.lifecycle.stop()

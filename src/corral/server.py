@@ -1,16 +1,69 @@
-"""Running corral under uvicorn (uvloop + httptools), with graceful SIGTERM drain."""
+"""Running corral under uvicorn (uvloop + httptools), with a graceful SIGTERM drain."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+from types import FrameType
+
+import structlog
 import uvicorn
 
-from corral.app import create_app
+from corral.app import CorralApp, create_app
 from corral.config import Settings
 from corral.logs import configure_logging
+from corral.systemd import sd_notify
+
+log = structlog.get_logger("corral")
 
 
-def uvicorn_config(settings: Settings, **kwargs: object) -> uvicorn.Config:
-    app = create_app(settings)
+class CorralServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains instead of closing the listener.
+
+    Draining: /readyz turns 503, new and queued requests get 503 + Retry-After, in-flight
+    streams run to their end (up to ``server.drain_timeout_s``), then the server exits 0.
+    A second signal exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: CorralApp) -> None:
+        super().__init__(config)
+        self.corral = app
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        runtime = self.corral.runtime
+        if (
+            self._drain_task is None
+            and not self.should_exit
+            and sig
+            in (
+                signal.SIGTERM,
+                signal.SIGINT,
+            )
+        ):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                self._drain_task = loop.create_task(self._drain())
+                return
+        if runtime.draining:
+            self.force_exit = True
+        self.should_exit = True
+
+    async def _drain(self) -> None:
+        runtime = self.corral.runtime
+        sd_notify("STOPPING=1")
+        grace = runtime.settings.server.drain_timeout_s
+        log.info("draining: finishing in-flight requests", grace_s=grace)
+        finished = await runtime.drain(grace)
+        if not finished:
+            log.warning("drain grace period over; closing remaining streams")
+        self.should_exit = True
+
+
+def uvicorn_config(app: CorralApp, settings: Settings, **kwargs: object) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.server.host,
@@ -22,12 +75,17 @@ def uvicorn_config(settings: Settings, **kwargs: object) -> uvicorn.Config:
         log_config=None,
         log_level=settings.server.log_level,
         timeout_keep_alive=75,
-        # SIGTERM: stop accepting, let in-flight streams finish, then shut down.
-        timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or None,
+        # After the drain, streams still open get a short last chance before the cut.
+        timeout_graceful_shutdown=5,
         **kwargs,  # type: ignore[arg-type]
     )
 
 
+def build_server(settings: Settings) -> CorralServer:
+    app = create_app(settings)
+    return CorralServer(uvicorn_config(app, settings), app)
+
+
 def run_server(settings: Settings) -> None:
     configure_logging(settings.server.log_level, settings.server.log_format)
-    uvicorn.Server(uvicorn_config(settings)).run()
+    build_server(settings).run()
