@@ -44,6 +44,8 @@ class BackendState:
     draining: bool = False
     ejected_until: float = 0.0
     ejections: int = 0
+    ejected_at: float = 0.0
+    ejected_for_transport: bool = False  # unreachable, not misbehaving: a good probe lifts it
     consecutive_probe_failures: int = 0
     consecutive_probe_successes: int = 0
     consecutive_errors: int = 0
@@ -139,6 +141,8 @@ class BackendRegistry:
         self._backends: dict[str, BackendState] = {}
         self._clock = clock
         self._listeners: list[Callable[[str, BackendState | None], None]] = []
+        # Every model key some backend lists (kept current by refresh_models).
+        self.known_models: frozenset[str] = frozenset()
         # Called whenever capacity may have appeared: a slot freed, a backend came up or joined.
         self._capacity_listeners: list[Callable[[], None]] = []
         for backend in backends:
@@ -152,6 +156,10 @@ class BackendRegistry:
         for listener in self._listeners:
             listener(event, backend)
         self.notify()
+
+    def refresh_models(self) -> None:
+        """Recompute :attr:`known_models` after a backend's model list changed."""
+        self.known_models = frozenset().union(*(b.models for b in self._backends.values()))
 
     def on_capacity(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` whenever a slot may have become free (the queue dispatches)."""
@@ -189,6 +197,7 @@ class BackendRegistry:
     def remove(self, backend_id: str) -> BackendState:
         backend = self.get(backend_id)
         del self._backends[backend_id]
+        self.refresh_models()
         self._emit("removed", backend)
         return backend
 

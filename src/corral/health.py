@@ -62,6 +62,7 @@ class HealthChecker:
     async def probe(self, backend: BackendState) -> bool:
         """One active check; updates state, model lists and the next probe time."""
         timeout = self.settings.timeout_s
+        started = self._clock()
         ok = False
         try:
             version = await self.upstream.get_json(f"{backend.url}/api/version", timeout)
@@ -71,13 +72,14 @@ class HealthChecker:
                 self.upstream.get_json(f"{backend.url}/api/ps", timeout),
             )
             self.update_models(backend, tags, ps)
+            self.registry.refresh_models()
             ok = True
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if backend.healthy or not backend.probed:
                 log.debug("probe failed", backend=backend.id, error=repr(exc))
-        self.record_probe(backend, ok)
+        self.record_probe(backend, ok, started)
         return ok
 
     @staticmethod
@@ -92,7 +94,7 @@ class HealthChecker:
                 resident[normalize_model(name)] = m
         backend.resident = resident
 
-    def record_probe(self, backend: BackendState, ok: bool) -> None:
+    def record_probe(self, backend: BackendState, ok: bool, started: float | None = None) -> None:
         s = self.settings
         backend.probe_history.append(ok)
         first = not backend.probed
@@ -102,6 +104,18 @@ class HealthChecker:
             backend.consecutive_probe_successes += 1
             if not backend.healthy and (first or backend.consecutive_probe_successes >= s.rise):
                 self._transition(backend, True)
+            elif (
+                backend.healthy
+                and backend.ejected_for_transport
+                and backend.is_ejected(self._clock())
+                and (started is None or started >= backend.ejected_at)
+            ):
+                # It was ejected for being unreachable and answers again (restarted, say).
+                backend.ejected_until = 0.0
+                backend.ejected_for_transport = False
+                log.info("backend reachable again; ejection lifted", backend=backend.id)
+                self.metrics.backend_up.labels(backend=backend.id).set(1)
+                self.registry.notify()
             elif backend.healthy:
                 self.metrics.backend_up.labels(backend=backend.id).set(
                     0 if backend.is_ejected(self._clock()) else 1
@@ -159,12 +173,14 @@ class HealthChecker:
         rate_high = total >= s.error_min_requests and bad / total > s.error_rate_threshold
         if (too_many or rate_high) and not backend.is_ejected(now):
             self.eject(backend, "consecutive transport errors" if too_many else "error rate")
+            backend.ejected_for_transport = too_many
 
     def eject(self, backend: BackendState, reason: str) -> None:
         now = self._clock()
         backend.ejections += 1
         duration = min(self.settings.ejection_s * backend.ejections, self.settings.max_ejection_s)
         backend.ejected_until = now + duration
+        backend.ejected_at = now
         backend.consecutive_errors = 0
         backend.clear_outcomes()
         self.metrics.transitions.labels(backend=backend.id, to="ejected").inc()

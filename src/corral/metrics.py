@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,6 +30,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "corral_requests",
@@ -106,12 +108,21 @@ class Metrics:
             registry=r,
         )
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: label look-ups are a real cost per request."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def set_strategy(self, name: str) -> None:
         self.strategy_info.clear()
         self.strategy_info.labels(strategy=name).set(1)
 
     def forget_backend(self, backend_id: str) -> None:
         """Drop per-backend gauge series of a removed backend."""
+        self._children.clear()
         for gauge in (self.in_flight, self.backend_up, self.slot_utilization):
             with contextlib.suppress(KeyError):
                 gauge.remove(backend_id)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -56,8 +57,15 @@ MANAGEMENT = {
     "/api/copy": ("POST",),
     "/api/delete": ("DELETE",),
 }
+# A request still running after this long starts listening for the client going away.
+_WATCH_AFTER_S = 0.05
 _JSON = (b"content-type", b"application/json; charset=utf-8")
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
+
+
+# Request ids: a random per-process prefix plus a counter (unique, and no syscall per request).
+_ID_PREFIX = os.urandom(10).hex()
+_ID_COUNTER = itertools.count(1)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -74,7 +82,7 @@ def _request_id(scope: Scope) -> str:
             text: str = value.decode("latin-1")
             if 0 < len(text) <= 128 and text.isprintable():
                 return text
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
 async def send_bytes(
@@ -239,8 +247,15 @@ class OllamaFront:
                 gone = True
                 task.cancel()
 
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        watcher.add_done_callback(on_disconnect)
+        watcher: asyncio.Task[None] | None = None
+
+        def arm() -> None:
+            # Short requests finish before this fires and never pay for a watcher task.
+            nonlocal watcher
+            watcher = asyncio.ensure_future(_wait_disconnect(receive))
+            watcher.add_done_callback(on_disconnect)
+
+        armed = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, arm)
         status = 499
         backend_id: str | None = None
         fields: dict[str, Any] = {}
@@ -291,8 +306,10 @@ class OllamaFront:
             fields["error"] = str(exc)
             raise
         finally:
-            watcher.remove_done_callback(on_disconnect)
-            watcher.cancel()
+            armed.cancel()
+            if watcher is not None:
+                watcher.remove_done_callback(on_disconnect)
+                watcher.cancel()
             duration = time.perf_counter() - started
             self._observe(spec, model, status, backend_id, duration, fields)
             log.info(
@@ -318,20 +335,17 @@ class OllamaFront:
         m = self.metrics
         backend = backend_id or "none"
         # Only models some backend reports become label values (bounded cardinality).
-        key = normalize_model(model)
-        label_model = model if any(key in b.models for b in self.registry.all()) else "other"
-        m.requests.labels(
-            backend=backend, route=spec.name, model=label_model, code=str(status)
-        ).inc()
+        label_model = model if normalize_model(model) in self.registry.known_models else "other"
+        m.child(m.requests, backend, spec.name, label_model, str(status)).inc()
         if backend_id is None:
             return
-        m.request_duration.labels(backend=backend, route=spec.name).observe(duration)
+        m.child(m.request_duration, backend, spec.name).observe(duration)
         ttft = fields.get("ttft_s")
         if ttft is not None:
-            m.ttft.labels(backend=backend, route=spec.name).observe(ttft)
+            m.child(m.ttft, backend, spec.name).observe(ttft)
         tokens = fields.get("tokens")
         if tokens:
-            m.tokens.labels(backend=backend, model=label_model).inc(tokens)
+            m.child(m.tokens, backend, label_model).inc(tokens)
 
     async def _read_body(
         self, scope: Scope, receive: Receive, send: Send, openai: bool

@@ -201,8 +201,8 @@ class Forwarder:
         can_retry: bool,
     ) -> tuple[int, dict[str, Any]] | RoutingError:
         metrics = self.metrics
-        in_flight = metrics.in_flight.labels(backend=backend.id)
-        utilization = metrics.slot_utilization.labels(backend=backend.id)
+        in_flight = metrics.child(metrics.in_flight, backend.id)
+        utilization = metrics.child(metrics.slot_utilization, backend.id)
         # The slot was reserved by admission; it is released below in every path.
         in_flight.inc()
         utilization.set(backend.in_flight / backend.max_concurrent)

@@ -24,6 +24,12 @@ class Upstream:
     def __init__(self, timeouts: TimeoutSettings) -> None:
         self.timeouts = timeouts
         self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None,
+            sock_connect=timeouts.connect_s,
+            sock_read=timeouts.first_token_s,
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -52,16 +58,12 @@ class Upstream:
         The wait for headers is bounded by ``first_token_s`` (Ollama sends its headers with the
         first token, so this covers queueing and cold loads); later gaps by ``idle_s``.
         """
-        t = self.timeouts
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=t.connect_s, sock_read=t.first_token_s
-        )
         resp = await self.session.request(
-            method, url, headers=headers, data=body, timeout=timeout, allow_redirects=False
+            method, url, headers=headers, data=body, timeout=self._timeout, allow_redirects=False
         )
         conn = resp.connection
         if conn is not None and conn.protocol is not None:
-            conn.protocol.read_timeout = t.idle_s
+            conn.protocol.read_timeout = self.timeouts.idle_s
         return resp
 
     async def get_json(self, url: str, timeout_s: float) -> Any:

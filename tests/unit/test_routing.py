@@ -226,3 +226,23 @@ def test_success_rate_tracks_the_last_thousand_outcomes() -> None:
     for _ in range(250):
         b.add_outcome(2.0, True)
     assert b.candidate(1.0).success_rate == 1.0
+
+
+def test_reachable_again_lifts_a_transport_ejection_only() -> None:
+    """A backend ejected for being unreachable returns on a good probe; one ejected for 5xx not."""
+    clock = FakeClock()
+    b = backend("a")
+    hc = checker(b, clock=clock, consecutive_errors=3, error_min_requests=3)
+    for _ in range(3):
+        hc.record_result(b, False, transport=True)
+    assert b.is_ejected(clock.now)
+    hc.record_probe(b, True, started=clock.now - 1)  # began before the ejection: no say
+    assert b.is_ejected(clock.now)
+    hc.record_probe(b, True, started=clock.now)
+    assert b.available(clock.now)
+    clock.now += 100
+    for _ in range(4):
+        hc.record_result(b, False)  # answered 500s: a live but failing backend
+    assert b.is_ejected(clock.now)
+    hc.record_probe(b, True, started=clock.now)
+    assert b.is_ejected(clock.now)
