@@ -163,7 +163,8 @@ async def add_backend(body: BackendBody, runtime: RuntimeDep) -> dict[str, Any]:
         weight=body.weight,
         gpu=body.gpu,
         fallback=body.fallback,
-        dynamic=body.ttl_s is not None,
+        registered=True,
+        ttl_s=body.ttl_s,
         expires_at=time.monotonic() + body.ttl_s if body.ttl_s else None,
     )
     try:
@@ -197,12 +198,30 @@ async def patch_backend(backend_id: str, body: BackendPatch, runtime: RuntimeDep
 
 
 @router.delete("/backends/{backend_id}")
-async def remove_backend(backend_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+async def remove_backend(
+    backend_id: str, runtime: RuntimeDep, force: Annotated[bool, Query()] = False
+) -> dict[str, Any]:
+    """Drain, wait for in-flight requests to finish (up to drain_timeout_s), then remove.
+
+    ``?force=true`` removes at once; requests still running finish on their own.
+    """
     try:
-        backend = runtime.registry.remove(backend_id)
+        backend = runtime.registry.get(backend_id)
     except UnknownBackendError as exc:
         raise HTTPException(404, str(exc)) from None
-    runtime.metrics.forget_backend(backend_id)
+    if not force and backend.in_flight:
+        runtime.registry.drain(backend_id)
+        grace = runtime.settings.server.drain_timeout_s
+        if not await runtime.wait_idle(backend, grace):
+            raise HTTPException(
+                409,
+                f"backend {backend_id!r} still has {backend.in_flight} request(s) in flight "
+                f"after {grace:g}s; it stays drained: retry, or DELETE with ?force=true",
+            )
+    try:
+        runtime.registry.remove(backend_id)
+    except UnknownBackendError as exc:  # removed meanwhile (expired, another DELETE)
+        raise HTTPException(404, str(exc)) from None
     return {"removed": backend.id, "in_flight": backend.in_flight}
 
 
@@ -216,9 +235,9 @@ async def heartbeat(
         raise HTTPException(404, str(exc)) from None
     if not backend.dynamic:
         raise HTTPException(
-            400, f"backend {backend_id!r} is static (from the config); no heartbeat needed"
+            400, f"backend {backend_id!r} was registered without ttl_s; it needs no heartbeat"
         )
-    ttl = body.ttl_s if body and body.ttl_s else runtime.default_ttl(backend)
+    ttl = body.ttl_s if body and body.ttl_s else backend.ttl_s
     runtime.registry.heartbeat(backend_id, ttl)
     return {"instance_id": backend_id, "ttl_s": ttl}
 

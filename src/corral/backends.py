@@ -36,8 +36,10 @@ class BackendState:
     weight: float | None = None
     gpu: int | str | None = None
     fallback: bool = False
-    dynamic: bool = False
+    registered: bool = False  # added through the admin API (kept in the state file)
+    ttl_s: float | None = None  # dynamic: leaves rotation without a heartbeat for this long
     expires_at: float | None = None  # monotonic deadline for dynamic backends
+    expired: bool = False
 
     healthy: bool = False
     probed: bool = False
@@ -75,6 +77,22 @@ class BackendState:
             gpu=cfg.gpu,
             fallback=cfg.fallback,
         )
+
+    @property
+    def dynamic(self) -> bool:
+        return self.ttl_s is not None
+
+    def record(self) -> dict[str, Any]:
+        """What the state file keeps of a registered backend."""
+        return {
+            "id": self.id,
+            "url": self.url,
+            "max_concurrent": self.max_concurrent,
+            "weight": self.weight,
+            "gpu": self.gpu,
+            "fallback": self.fallback,
+            "ttl_s": self.ttl_s,
+        }
 
     def is_ejected(self, now: float) -> bool:
         return self.ejected_until > now
@@ -165,6 +183,9 @@ class BackendRegistry:
         """Call ``listener()`` whenever a slot may have become free (the queue dispatches)."""
         self._capacity_listeners.append(listener)
 
+    def off_capacity(self, listener: Callable[[], None]) -> None:
+        self._capacity_listeners.remove(listener)
+
     def notify(self) -> None:
         for listener in self._capacity_listeners:
             listener()
@@ -215,23 +236,34 @@ class BackendRegistry:
         return backend
 
     def heartbeat(self, backend_id: str, ttl_s: float | None = None) -> BackendState:
+        """Extend a dynamic backend's registration by ``ttl_s`` (default: its own ttl)."""
         backend = self.get(backend_id)
-        if backend.dynamic:
-            ttl = ttl_s if ttl_s is not None else 0.0
-            if ttl > 0:
-                backend.expires_at = self._clock() + ttl
+        ttl = ttl_s or backend.ttl_s
+        if ttl:
+            backend.expires_at = self._clock() + ttl
+            if backend.expired:
+                backend.expired = False
+                backend.draining = False
+                self._emit("updated", backend)
         return backend
 
     def expire(self) -> list[str]:
-        """Remove dynamic backends whose heartbeat deadline passed; return their ids."""
+        """Dynamic backends past their deadline leave rotation, and go once idle.
+
+        Returns the ids removed.
+        """
         now = self._clock()
-        gone = [
-            b.id
-            for b in self._backends.values()
-            if b.dynamic and b.expires_at is not None and b.expires_at <= now and b.in_flight == 0
-        ]
-        for backend_id in gone:
-            self.remove(backend_id)
+        gone = []
+        for b in list(self._backends.values()):
+            if not b.dynamic or b.expires_at is None or b.expires_at > now:
+                continue
+            if not b.expired:
+                b.expired = True
+                b.draining = True
+                self._emit("expired", b)
+            if b.in_flight == 0:
+                gone.append(b.id)
+                self.remove(b.id)
         return gone
 
     def reserve(self, backend: BackendState) -> None:

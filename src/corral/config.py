@@ -36,6 +36,7 @@ class ServerSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     drain_timeout_s: float = Field(60, ge=0)
+    state_file: Path | None = None
 
 
 class BalancerSettings(_Section):

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 
 from corral.admission import Admission
 from corral.backends import BackendRegistry, BackendState
 from corral.config import Settings
+from corral.errors import DuplicateBackendError
 from corral.health import HealthChecker
 from corral.lifecycle import Lifecycle
 from corral.metrics import Metrics
 from corral.proxy import Forwarder
 from corral.routing import Router
+from corral.state import StateFile
 from corral.systemd import sd_notify
 from corral.upstream import Upstream
 
@@ -43,23 +46,56 @@ class Runtime:
         self.lifecycle = Lifecycle()
         self.draining = False
         self.metrics.set_strategy(self.router.strategy_name)
+        self.state = StateFile(settings.server.state_file) if settings.server.state_file else None
+        self._restore()
         self.registry.on_change(self._on_change)
 
+    def _restore(self) -> None:
+        """Re-register the backends the state file remembers (dynamic ones must heartbeat)."""
+        if self.state is None:
+            return
+        for record in self.state.load():
+            try:
+                ttl = record.get("ttl_s")
+                backend = BackendState(
+                    id=str(record["id"]),
+                    url=str(record["url"]),
+                    max_concurrent=int(record.get("max_concurrent") or 4),
+                    weight=record.get("weight"),
+                    gpu=record.get("gpu"),
+                    fallback=bool(record.get("fallback")),
+                    registered=True,
+                    ttl_s=float(ttl) if ttl else None,
+                    expires_at=time.monotonic() + float(ttl) if ttl else None,
+                )
+                self.registry.add(backend)
+            except (KeyError, TypeError, ValueError, DuplicateBackendError) as exc:
+                log.warning("state file entry skipped", entry=record, error=str(exc))
+                continue
+            log.info("backend restored from state file", backend=backend.id, url=backend.url)
+
     def _on_change(self, event: str, backend: BackendState | None) -> None:
-        if event == "removed" and backend is not None:
+        if backend is None:
+            return
+        if event == "removed":
             self.metrics.forget_backend(backend.id)
             log.info("backend removed", backend=backend.id)
-        elif event == "added" and backend is not None:
+        elif event == "added":
             log.info("backend added", backend=backend.id, url=backend.url)
+        elif event == "expired":
+            log.warning("backend missed its heartbeat; out of rotation", backend=backend.id)
+        if (
+            self.state is not None
+            and backend.registered
+            and event in ("added", "removed", "updated")
+        ):
+            self.state.save(self.registry.all())
 
     def set_strategy(self, name: str) -> None:
         old = self.router.strategy_name
         self.router.set_strategy(name)
         self.metrics.set_strategy(name)
         log.info("strategy changed", old=old, new=name)
-
-    def default_ttl(self, backend: BackendState) -> float:
-        return max(3 * self.settings.health.interval_s, 30.0)
 
     async def start(self) -> None:
         """Probe every backend once (bounded), then keep probing in the background."""
@@ -76,6 +112,24 @@ class Runtime:
         )
         self.lifecycle.start("health", self.health.run())
         sd_notify("READY=1")
+
+    async def wait_idle(self, backend: BackendState, timeout_s: float) -> bool:
+        """Wait until ``backend`` has nothing in flight; False when ``timeout_s`` passes first."""
+        idle = asyncio.Event()
+
+        def check() -> None:
+            if backend.in_flight == 0:
+                idle.set()
+
+        self.registry.on_capacity(check)
+        try:
+            check()
+            await asyncio.wait_for(idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        finally:
+            self.registry.off_capacity(check)
+        return True
 
     async def drain(self, grace_s: float) -> bool:
         """Stop admitting (queued and new requests get 503), wait for in-flight ones to end.
@@ -99,6 +153,8 @@ class Runtime:
             await asyncio.wait_for(idle.wait(), max(remaining, 0))
         except TimeoutError:
             return False
+        finally:
+            self.registry.off_capacity(check)
         return True
 
     async def stop(self) -> None:

@@ -395,31 +395,34 @@ def test_least_response_time_breaks_ties_with_the_injected_rng() -> None:
 @pytest.mark.parametrize(
     ("better", "worse"),
     [
-        (Candidate("up", availability=1.0), Candidate("flaky", availability=0.4)),
+        (
+            Candidate("roomy", max_concurrent=8, in_flight=2),
+            Candidate("tight", max_concurrent=2, in_flight=1),
+        ),
         (Candidate("ok", success_rate=1.0), Candidate("failing", success_rate=0.2)),
         (Candidate("fast", ewma_ttft_s=0.2), Candidate("slow", ewma_ttft_s=1.0)),
         (Candidate("idle", in_flight=0), Candidate("busy", in_flight=4)),
     ],
 )
 def test_score_prefers_available_successful_fast_idle(better: Candidate, worse: Candidate) -> None:
-    """All else equal, the more available, more successful, faster or less loaded one wins."""
+    """All else equal, more free slots, more success, more speed or less load wins."""
     strategy = create_strategy("score", rng=random.Random(0))
     assert strategy.select([worse, better], REQ) is better
     assert strategy.select([better, worse], REQ) is better
 
 
 def test_score_default_weights_favour_availability_over_speed() -> None:
-    """With 0.5/0.3/0.2, a reliable backend 3 times slower beats a fast, often-down one."""
-    reliable = Candidate("reliable", availability=1.0, success_rate=1.0, ewma_ttft_s=0.9)
-    flaky = Candidate("flaky", availability=0.5, success_rate=0.9, ewma_ttft_s=0.3)
-    # reliable: 0.5 + 0.3 + 0.2/3 = 0.867; flaky: 0.25 + 0.27 + 0.2 = 0.72
+    """With 0.5/0.3/0.2, a roomy reliable backend 3 times slower beats a busy, flaky fast one."""
+    reliable = Candidate("reliable", in_flight=0, success_rate=1.0, ewma_ttft_s=0.9)
+    flaky = Candidate("flaky", in_flight=3, success_rate=0.9, ewma_ttft_s=0.3)
+    # reliable: 0.5 + 0.3 + 0.2/3 = 0.867; flaky: 0.5/4 + 0.27 + 0.2 = 0.595
     assert create_strategy("score").select([flaky, reliable], REQ) is reliable
 
 
 def test_score_weights_change_the_choice() -> None:
     """Weighting speed alone makes the fast, flaky backend the choice."""
-    reliable = Candidate("reliable", availability=1.0, success_rate=1.0, ewma_ttft_s=0.9)
-    flaky = Candidate("flaky", availability=0.5, success_rate=0.9, ewma_ttft_s=0.3)
+    reliable = Candidate("reliable", in_flight=0, success_rate=1.0, ewma_ttft_s=0.9)
+    flaky = Candidate("flaky", in_flight=3, success_rate=0.9, ewma_ttft_s=0.3)
     strategy = create_strategy("score", score_weights=(0.0, 0.0, 1.0))
     assert strategy.select([reliable, flaky], REQ) is flaky
 

@@ -20,16 +20,17 @@ def _unit(value: float) -> float:
 class Score(RandomizedStrategy):
     """Highest score; ties broken at random with the injected rng.
 
-    For each candidate::
+    Each term is normalised over the eligible candidates (the best one scores 1.0)::
 
-        speed = fastest_ewma / own_ewma               (0..1; untried → 1.0)
-        load  = in_flight / max(max_concurrent, 1)    (max_concurrent ≤ 0 counts as 1)
-        score = (availability * w_a + success_rate * w_s + speed * w_sp) / (1 + load)
+        free         = max(max_concurrent - in_flight, 0)      (max_concurrent ≤ 0 counts as 1)
+        availability = free / most_free                         (all full → 0)
+        success      = success_rate / best_success_rate         (all 0 → 0)
+        speed        = fastest_ewma / own_ewma                  (untried → 1.0)
+        score        = availability * w_a + success * w_s + speed * w_sp
 
-    ``fastest_ewma`` is the lowest positive ``ewma_ttft_s`` among the candidates.
-    ``availability`` and ``success_rate`` are clamped to 0..1. Dividing by ``1 + load`` keeps
-    the best backend from taking everything: half-full, it scores 2/3 of its idle score.
-    Default weights (w_a, w_s, w_sp) are 0.5 / 0.3 / 0.2.
+    ``fastest_ewma`` is the lowest positive ``ewma_ttft_s`` among the candidates. Default
+    weights (w_a, w_s, w_sp) are 0.5 / 0.3 / 0.2, so free slots weigh most: a fast backend
+    keeps winning only while it has room.
     """
 
     name = "score"
@@ -52,17 +53,26 @@ class Score(RandomizedStrategy):
 
     def select(self, candidates: Sequence[Candidate], request: RequestInfo) -> Candidate:
         fastest: float | None = None
+        most_free = 0
+        best_success = 0.0
         for c in candidates:
             e = c.ewma_ttft_s
             if e is not None and e > 0 and (fastest is None or e < fastest):
                 fastest = e
+            most_free = max(most_free, _free(c))
+            best_success = max(best_success, _unit(c.success_rate))
         w_a, w_s, w_sp = self.weights
 
         def negated_score(c: Candidate) -> float:
             e = c.ewma_ttft_s
             speed = 1.0 if e is None or e <= 0 or fastest is None else fastest / e
-            slots = c.max_concurrent if c.max_concurrent > 0 else 1
-            blended = _unit(c.availability) * w_a + _unit(c.success_rate) * w_s + speed * w_sp
-            return -blended / (1.0 + c.in_flight / slots)
+            availability = _free(c) / most_free if most_free else 0.0
+            success = _unit(c.success_rate) / best_success if best_success else 0.0
+            return -(availability * w_a + success * w_s + speed * w_sp)
 
         return lowest(candidates, negated_score, self._rng)
+
+
+def _free(c: Candidate) -> int:
+    slots = c.max_concurrent if c.max_concurrent > 0 else 1
+    return max(slots - c.in_flight, 0)
