@@ -159,3 +159,14 @@ def print_tables(med: Medians, ver: dict[str, dict[str, Any]]) -> None:
     for name, v in ver.items():
         ratios.add_row(name, *_ratio_cells(v, True))
     console.print(ratios)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as null, so ``json.dumps(allow_nan=False)`` takes it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value

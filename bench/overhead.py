@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": {t.name: t.results for t in targets},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    args.json.write_text(json.dumps(_report.finite(report), indent=2, allow_nan=False) + "\n")
     log(f"wrote {args.json}")
     return 0
 
@@ -465,17 +465,6 @@ def _warnings(med: _report.Medians) -> None:
         errors = sum(p.get("errors", 0) for p in phases_.values())
         if errors:
             log(f"warning: {name} had {int(errors)} failed requests")
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities as null, so the file is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":
