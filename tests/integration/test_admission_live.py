@@ -81,6 +81,9 @@ def test_urgent_overtakes_queued_normal(sim_factory: Any, corral_factory: Any) -
             assert r.status_code == 200
             done.append(name)
 
+    def queued() -> int:
+        return int(corral.call(lambda: corral.runtime.admission.queued))
+
     first = threading.Thread(target=one, args=("first", "normal"))
     first.start()
     assert poll(lambda: corral.call(lambda: corral.runtime.registry.get("a").in_flight) == 1, 5)
@@ -89,8 +92,7 @@ def test_urgent_overtakes_queued_normal(sim_factory: Any, corral_factory: Any) -
         t = threading.Thread(target=one, args=(name, prio))
         t.start()
         threads.append(t)
-        want = len(threads)
-        assert poll(lambda: corral.call(lambda: corral.runtime.admission.queued) == want, 5)
+        assert poll(lambda: queued() == len(threads), 5)
     for t in [first, *threads]:
         t.join(20)
     assert sorted(done) == ["first", "n1", "n2", "u"]
