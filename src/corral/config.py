@@ -44,7 +44,7 @@ class BalancerSettings(_Section):
     model_affinity: bool = True
     max_attempts: int = Field(3, ge=1, le=10)
     retry_budget_ratio: float = Field(0.2, ge=0, le=1)
-    retry_budget_min: int = Field(3, ge=0)
+    retry_budget_min: float = Field(3, ge=0)
     score_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)
 
     @field_validator("strategy")

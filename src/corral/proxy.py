@@ -65,16 +65,38 @@ class RouteSpec:
 
 
 class RetryBudget:
-    """Envoy-style: concurrent retries stay under ``ratio`` of active requests (min ``minimum``)."""
+    """A token bucket that keeps retries to ``ratio`` of requests (Finagle's RetryBudget).
 
-    def __init__(self, ratio: float, minimum: int) -> None:
+    Every request deposits ``ratio`` of a token; every retry withdraws one. ``min_per_s``
+    tokens per second trickle in regardless, so a quiet service can still retry. Under a
+    failure storm the bucket empties and traffic to backends stays near 1 + ratio times
+    the client's, instead of ``max_attempts`` times.
+    """
+
+    def __init__(
+        self, ratio: float, min_per_s: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ratio = ratio
-        self.minimum = minimum
-        self.active = 0
-        self.retrying = 0
+        self.min_per_s = min_per_s
+        self._clock = clock
+        # Room for a burst: ten seconds of the floor, or ten retries.
+        self.capacity = max(10.0, 10.0 * min_per_s)
+        self.tokens = self.capacity
+        self._last = clock()
 
-    def allows(self) -> bool:
-        return self.retrying < max(self.minimum, self.ratio * self.active)
+    def deposit(self) -> None:
+        """A request arrived."""
+        self.tokens = min(self.capacity, self.tokens + self.ratio)
+
+    def withdraw(self) -> bool:
+        """Spend one retry; False when the budget is exhausted."""
+        now = self._clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self._last) * self.min_per_s)
+        self._last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
 
 
 class ClientGone(Exception):
@@ -130,60 +152,51 @@ class Forwarder:
         started = time.perf_counter()
         tried: list[str] = []
         attempts = 0
-        retrying = False
         budget = self.budget
-        budget.active += 1
+        budget.deposit()
         last_error: RoutingError | None = None
         enqueued = time.monotonic()
-        try:
-            while attempts < self.settings.max_attempts:
-                try:
-                    # A retry keeps its place in the queue and jumps one class ahead.
-                    backend = await self.admission.acquire(
-                        model,
-                        model_key,
-                        route.name,
-                        tried,
-                        rank=rank + (1 if attempts else 0),
-                        enqueued=enqueued,
-                    )
-                except RoutingError as exc:
-                    if last_error is not None and isinstance(exc, NoBackendError):
-                        raise last_error from None
-                    raise
-                attempts += 1
-                tried.append(backend.id)
-                outcome = await self._attempt(
-                    send,
-                    backend,
-                    method,
-                    path,
-                    headers,
-                    body,
-                    route,
-                    request_id,
-                    extra_headers,
-                    started,
-                    can_retry=attempts < self.settings.max_attempts,
+        while attempts < self.settings.max_attempts:
+            try:
+                # A retry keeps its place in the queue and jumps one class ahead.
+                backend = await self.admission.acquire(
+                    model,
+                    model_key,
+                    route.name,
+                    tried,
+                    rank=rank + (1 if attempts else 0),
+                    enqueued=enqueued,
                 )
-                if isinstance(outcome, tuple):
-                    status, fields = outcome
-                    fields["attempts"] = attempts
-                    return status, backend.id, fields
-                # A retryable failure before any byte reached the client.
-                last_error = outcome
-                if attempts >= self.settings.max_attempts or not budget.allows():
-                    break
-                if not retrying:
-                    retrying = True
-                    budget.retrying += 1
-                self.metrics.retries.labels(reason=_reason(outcome)).inc()
-            assert last_error is not None
-            raise last_error
-        finally:
-            budget.active -= 1
-            if retrying:
-                budget.retrying -= 1
+            except RoutingError as exc:
+                if last_error is not None and isinstance(exc, NoBackendError):
+                    raise last_error from None
+                raise
+            attempts += 1
+            tried.append(backend.id)
+            outcome = await self._attempt(
+                send,
+                backend,
+                method,
+                path,
+                headers,
+                body,
+                route,
+                request_id,
+                extra_headers,
+                started,
+                can_retry=attempts < self.settings.max_attempts,
+            )
+            if isinstance(outcome, tuple):
+                status, fields = outcome
+                fields["attempts"] = attempts
+                return status, backend.id, fields
+            # A retryable failure before any byte reached the client.
+            last_error = outcome
+            if attempts >= self.settings.max_attempts or not budget.withdraw():
+                break
+            self.metrics.retries.labels(reason=_reason(outcome)).inc()
+        assert last_error is not None
+        raise last_error
 
     async def _attempt(
         self,

@@ -229,3 +229,27 @@ def test_openai_stream_drop_raises_in_the_client(sim_factory: Any, corral_factor
         assert len(got) == 2
     finally:
         client.close()
+
+
+def test_retry_storm_stays_within_budget(sim_factory: Any, corral_factory: Any) -> None:
+    """Every backend failing: backends see about 1.2x the client's requests, not 3x."""
+    sims = [sim_factory(name=n) for n in "abc"]
+    for sim in sims:
+        sim.set_faults(error_rate=1.0)
+    corral = corral_factory(
+        [{"id": s.config.name, "url": s.url} for s in sims],
+        balancer={"max_attempts": 3, "retry_budget_ratio": 0.2, "retry_budget_min": 1},
+        # Keep them in rotation: this test is about the retry budget, not ejection.
+        health={"error_min_requests": 100000, "consecutive_errors": 100000},
+    )
+    n = 200
+    with corral.client() as client:
+        codes = [
+            client.post("/api/generate", json={"model": "llama3.2", "prompt": "x"}).status_code
+            for _ in range(n)
+        ]
+    assert set(codes) == {500}
+    seen = sum(s.stats()["by_route"].get("/api/generate", 0) for s in sims)
+    # 20% of requests, plus the bucket's initial burst of 10 and ~1/s of floor.
+    assert seen <= n * 1.2 + 10 + 15, seen
+    assert seen > n

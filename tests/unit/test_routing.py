@@ -246,3 +246,33 @@ def test_reachable_again_lifts_a_transport_ejection_only() -> None:
     assert b.is_ejected(clock.now)
     hc.record_probe(b, True, started=clock.now)
     assert b.is_ejected(clock.now)
+
+
+def test_retry_budget_holds_under_a_storm() -> None:
+    """1000 failing requests: retries stay near 20% of them plus the per-second floor."""
+    from corral.proxy import RetryBudget
+
+    clock = FakeClock()
+    budget = RetryBudget(0.2, 3, clock=clock)
+    retries = 0
+    for _ in range(1000):
+        clock.now += 0.001  # 1000 requests in one second
+        budget.deposit()
+        # Each request would like two retries (max_attempts = 3).
+        retries += budget.withdraw() + budget.withdraw()
+    assert retries <= 0.2 * 1000 + 3 * 1 + budget.capacity
+    assert retries >= 150
+
+
+def test_retry_budget_refills_for_a_quiet_service() -> None:
+    """With little traffic the per-second floor still allows the occasional retry."""
+    from corral.proxy import RetryBudget
+
+    clock = FakeClock()
+    budget = RetryBudget(0.2, 1, clock=clock)
+    while budget.withdraw():
+        pass
+    assert not budget.withdraw()
+    clock.now += 1.0
+    assert budget.withdraw()
+    assert not budget.withdraw()
