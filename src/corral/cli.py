@@ -145,29 +145,20 @@ def _call(url: str, key: str | None, method: str, path: str, body: Any = None) -
 def _fmt_s(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
-def load_table(data: dict[str, Any]) -> Table:
-    """The load table ``corral status`` prints."""
+def load_table(data: dict[str, Any], *, wide: bool | None = None) -> Table:
+    """The load table ``corral status`` prints (the URL column only on wide terminals)."""
+    if wide is None:
+        wide = console.width >= 110
     table = Table(title=f"corral: strategy {data.get('strategy')}", title_justify="left")
-    for col in (
-        "backend",
-        "state",
-        "in flight",
-        "total",
-        "failures",
-        "ttft",
-        "avg",
-        "weight",
-        "url",
-    ):
-        table.add_column(
-            col,
-            justify="right"
-            if col in {"in flight", "total", "failures", "ttft", "avg", "weight"}
-            else "left",
-        )
+    table.add_column("backend", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for col in ("in flight", "requests", "failures", "ttft", "avg", "weight"):
+        table.add_column(col, justify="right", no_wrap=True)
+    if wide:
+        table.add_column("url", no_wrap=True)
     for bid, e in sorted(data.get("loads", {}).items()):
         if not e.get("healthy"):
             state = "[red]down[/red]"
@@ -177,7 +168,7 @@ def load_table(data: dict[str, Any]) -> Table:
             state = "[red]ejected[/red]"
         else:
             state = "[green]up[/green]"
-        table.add_row(
+        row = [
             bid,
             state,
             f"{e.get('active_connections', 0)}/{e.get('max_concurrent', '?')}",
@@ -186,8 +177,10 @@ def load_table(data: dict[str, Any]) -> Table:
             _fmt_s(e.get("ttft_ewma_s")),
             _fmt_s(e.get("avg_response_time")),
             f"{e.get('weight', 1.0):g}",
-            str(e.get("url", "")),
-        )
+        ]
+        if wide:
+            row.append(str(e.get("url", "")))
+        table.add_row(*row)
     return table
 
 

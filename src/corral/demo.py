@@ -116,10 +116,15 @@ async def _demo(port: int, strategy: str) -> None:
     url = f"http://127.0.0.1:{port}"
     _banner(url, fast_port, slow_port)
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        for prompt in ("Why is the sky blue?", "Name a colour.", "Say hi."):
-            await client.post(
-                "/api/generate", json={"model": "llama3.2", "prompt": prompt, "stream": False}
+        prompts = ["Why is the sky blue?", "Name a colour.", "Say hi."] * 2
+        await asyncio.gather(
+            *(
+                client.post(
+                    "/api/generate", json={"model": "llama3.2", "prompt": p, "stream": False}
+                )
+                for p in prompts
             )
+        )
         loads = (await client.get("/api/v1/loadbalancer/loads")).json()
     from corral.cli import load_table
 
