@@ -21,32 +21,30 @@ from tests.integration.test_failover import poll
 pytestmark = pytest.mark.integration
 
 
-def test_serve_process_with_config(tmp_path: Path, sim_factory: Any) -> None:
-    """corral serve --config FILE proxies, logs one JSON access line, and exits on SIGTERM."""
-    sim = sim_factory(name="a")
+def serve(tmp_path: Path, toml: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``corral serve`` on a free port with ``toml`` (plus [server] port) as its config."""
     port = free_port()
     config = tmp_path / "corral.toml"
-    config.write_text(
-        f"[server]\nport = {port}\n[health]\ninterval_s = 0.5\n"
-        f'[[backends]]\nid = "gpu0"\nurl = "{sim.url}"\n'
-    )
+    config.write_text(f"[server]\nport = {port}\n{toml}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "corral", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,
     )
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_serve_process_with_config(tmp_path: Path, sim_factory: Any) -> None:
+    """corral serve --config FILE proxies, logs one JSON access line, and exits on SIGTERM."""
+    sim = sim_factory(name="a")
+    proc, url = serve(
+        tmp_path,
+        f'[health]\ninterval_s = 0.5\n[[backends]]\nid = "gpu0"\nurl = "{sim.url}"\n',
+    )
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert poll(ready, 15, 0.05), proc.stderr.read1().decode() if proc.stderr else ""
+        assert poll(lambda: _ready(url), 15, 0.05)
         r = httpx.post(
             f"{url}/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False}
         )
@@ -91,20 +89,11 @@ def test_serve_with_invalid_config_exits_2(tmp_path: Path) -> None:
 def test_sigterm_drains_live_streams(tmp_path: Path, sim_factory: Any) -> None:
     """SIGTERM during 10 live streams: all 10 finish, new requests get 503, exit code 0."""
     sim = sim_factory(name="a", token_interval_s=0.05, tokens=30)
-    port = free_port()
-    config = tmp_path / "corral.toml"
-    config.write_text(
-        f'[server]\nport = {port}\nlog_level = "warning"\n'
-        f'[[backends]]\nid = "gpu0"\nurl = "{sim.url}"\nmax_concurrent = 16\n'
+    proc, url = serve(
+        tmp_path,
+        f'log_level = "warning"\n[[backends]]\nid = "gpu0"\nurl = "{sim.url}"\n'
+        "max_concurrent = 16\n",
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "corral", "serve", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
     results: list[list[dict[str, Any]]] = []
     started = threading.Semaphore(0)
 
