@@ -169,7 +169,7 @@ class Admission:
 
     def dispatch(self) -> None:
         """Grant free slots to waiters, most deserving first. Called when capacity appears."""
-        if not self._waiters:
+        if not self._waiters or not self._any_free():
             return
         now = self._clock()
         aging = self.settings.aging_s
@@ -188,6 +188,15 @@ class Admission:
             self.registry.reserve(backend)
             waiter.future.set_result(backend)
             self._waiters.remove(waiter)
+            if not self._any_free():
+                return
+
+    def _any_free(self) -> bool:
+        """Some backend takes requests and has a slot (else dispatching is pointless)."""
+        now = self._clock()
+        return any(
+            b.in_flight < b.max_concurrent and b.available(now) for b in self.registry.all()
+        )
 
     def close(self, reason: str) -> int:
         """Stop admitting (shutdown): every queued request gets 503 now; returns how many."""
