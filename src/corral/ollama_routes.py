@@ -22,10 +22,10 @@ from corral.backends import BackendRegistry, normalize_model
 from corral.errors import ModelNotFoundError, NoBackendError, RoutingError
 from corral.metrics import Metrics
 from corral.proxy import (
-    ClientGone,
     Forwarder,
     Message,
     Receive,
+    ResponseCut,
     RouteSpec,
     Scope,
     Send,
@@ -301,10 +301,11 @@ class OllamaFront:
             task.uncancel()
             status = 499
             fields["error"] = "client disconnected"
-        except ClientGone as exc:
+        except ResponseCut as exc:
+            # Returning without finishing the response makes the server close the connection:
+            # the client sees a truncated body, as nginx would give it, and no traceback.
             status = 502
             fields["error"] = str(exc)
-            raise
         finally:
             armed.cancel()
             if watcher is not None:

@@ -99,8 +99,8 @@ class RetryBudget:
         return False
 
 
-class ClientGone(Exception):
-    """The client closed its connection."""
+class ResponseCut(Exception):
+    """The backend died in the middle of a plain (non-streaming) body: only an abort is left."""
 
 
 def ndjson_error(message: str) -> bytes:
@@ -300,7 +300,7 @@ class Forwarder:
                 )
             else:
                 # A plain body cut short cannot carry an error: abort the connection.
-                raise ClientGone(error)
+                raise ResponseCut(error)
         elif status != 503 or _BUSY not in tail:
             self.health.record_result(backend, ok)
         if not ended:
@@ -388,8 +388,8 @@ def is_upstream_status(err: RoutingError) -> bool:
 
 
 __all__ = [
-    "ClientGone",
     "Forwarder",
+    "ResponseCut",
     "RetryBudget",
     "RouteSpec",
     "UpstreamError",
