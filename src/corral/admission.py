@@ -9,6 +9,7 @@ slot is reserved for it before it wakes, so no other request can take it in betw
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import math
 import time
@@ -71,20 +72,33 @@ class Admission:
         self.settings = settings
         self.metrics = metrics
         self._clock = clock
-        self._waiters: list[Waiter] = []
+        # One list per priority class, each ordered by (enqueued, seq): within a class the
+        # first waiter is also the one aging has lifted most, so dispatch looks at few.
+        self._classes: list[list[Waiter]] = [[] for _ in PRIORITIES]
+        self._count = 0
         self._seq = itertools.count()
         self.closed_reason: str | None = None
         self.registry.on_capacity(self.dispatch)
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return self._count
 
     def queued_by_priority(self) -> dict[str, int]:
-        counts = dict.fromkeys(PRIORITIES, 0)
-        for w in self._waiters:
-            counts[PRIORITY_NAMES[w.rank]] += 1
-        return counts
+        return {PRIORITY_NAMES[rank]: len(lst) for rank, lst in enumerate(self._classes)}
+
+    def _add(self, waiter: Waiter) -> None:
+        bisect.insort(self._classes[waiter.rank], waiter, key=lambda w: (w.enqueued, w.seq))
+        self._count += 1
+
+    def _discard(self, waiter: Waiter) -> bool:
+        lst = self._classes[waiter.rank]
+        for i, w in enumerate(lst):
+            if w is waiter:
+                del lst[i]
+                self._count -= 1
+                return True
+        return False
 
     async def acquire(
         self,
@@ -104,7 +118,7 @@ class Admission:
         if self.closed_reason is not None:
             self._reject("draining")
             raise NoBackendError(self.closed_reason, self._retry_after())
-        if not self._waiters or rank > max(w.rank for w in self._waiters):
+        if not self._count or not any(self._classes[r] for r in range(rank, len(self._classes))):
             # Nobody waits ahead of this request: take a free slot if there is one.
             backend = self.router.pick(model, model_key, route, exclude)
             if backend is not None:
@@ -124,7 +138,7 @@ class Admission:
         rank: int,
         enqueued: float | None,
     ) -> BackendState:
-        if len(self._waiters) >= self.settings.max_size:
+        if self._count >= self.settings.max_size:
             self._reject("queue_full")
             raise NoBackendError("all backends are busy and the queue is full", self._retry_after())
         now = self._clock()
@@ -139,7 +153,7 @@ class Admission:
             next(self._seq),
             loop.create_future(),
         )
-        self._waiters.append(waiter)
+        self._add(waiter)
         gauge = self.metrics.queue_depth.labels(priority=PRIORITY_NAMES[rank])
         gauge.inc()
         self.dispatch()  # a slot may be free for this request already
@@ -160,8 +174,7 @@ class Admission:
                 self.registry.release(waiter.future.result())
             raise
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+            self._discard(waiter)
             if not waiter.future.done():
                 waiter.future.cancel()
             gauge.dec()
@@ -169,26 +182,38 @@ class Admission:
 
     def dispatch(self) -> None:
         """Grant free slots to waiters, most deserving first. Called when capacity appears."""
-        if not self._waiters or not self._any_free():
+        if not self._count or not self._any_free():
             return
-        now = self._clock()
         aging = self.settings.aging_s
-        order = sorted(self._waiters, key=lambda w: (-w.effective(now, aging), w.seq))
-        for waiter in order:
-            if waiter.future.done():
-                continue
-            try:
-                backend = self.router.pick(
-                    waiter.model, waiter.model_key, waiter.route, waiter.exclude
-                )
-            except RoutingError:
-                continue  # its backends are down for now: keep waiting until its deadline
-            if backend is None:
-                continue
+        while True:
+            now = self._clock()
+            best: Waiter | None = None
+            best_key = (float("-inf"), 0)
+            for lst in reversed(self._classes):
+                for waiter in lst:
+                    key = (waiter.effective(now, aging), -waiter.seq)
+                    if key <= best_key:
+                        break  # the rest of this class waited less: it cannot beat ``best``
+                    if waiter.future.done():
+                        continue
+                    try:
+                        servable = bool(
+                            self.router.free(waiter.model, waiter.model_key, waiter.exclude)
+                        )
+                    except RoutingError:
+                        servable = False  # its backends are down: it waits for its deadline
+                    if servable:
+                        best, best_key = waiter, key
+                        break
+            if best is None:
+                return
+            backend = self.router.pick(best.model, best.model_key, best.route, best.exclude)
+            if backend is None:  # pragma: no cover - free() just said otherwise
+                return
             self.registry.reserve(backend)
-            waiter.future.set_result(backend)
-            self._waiters.remove(waiter)
-            if not self._any_free():
+            best.future.set_result(backend)
+            self._discard(best)
+            if not self._count or not self._any_free():
                 return
 
     def _any_free(self) -> bool:
@@ -200,11 +225,12 @@ class Admission:
         """Stop admitting (shutdown): every queued request gets 503 now; returns how many."""
         self.closed_reason = reason
         failed = 0
-        for waiter in list(self._waiters):
-            if not waiter.future.done():
-                waiter.future.set_exception(NoBackendError(reason, self._retry_after()))
-                failed += 1
-            self._waiters.remove(waiter)
+        for lst in self._classes:
+            for waiter in list(lst):
+                if not waiter.future.done():
+                    waiter.future.set_exception(NoBackendError(reason, self._retry_after()))
+                    failed += 1
+                self._discard(waiter)
         if failed:
             self.metrics.rejections.labels(reason="draining").inc(failed)
         return failed

@@ -70,10 +70,10 @@ class Router:
             raise NoBackendError("no healthy backend available")
         return []
 
-    def pick(
-        self, model: str, model_key: str | None, route: str, exclude: Collection[str] = ()
-    ) -> BackendState | None:
-        """A backend with a free slot, or None when every eligible backend is full.
+    def free(
+        self, model: str, model_key: str | None, exclude: Collection[str] = ()
+    ) -> list[BackendState]:
+        """The backends :meth:`pick` would choose among now (empty: wait). No strategy call.
 
         Raises ModelNotFoundError / NoBackendError as :meth:`eligible` does.
         """
@@ -82,12 +82,24 @@ class Router:
             raise ModelNotFoundError(model)
         free = [b for b in eligible if b.in_flight < b.max_concurrent]
         if not free:
-            return None
+            return free
         primary = [b for b in free if not b.fallback]
         if primary:
-            free = primary
-        elif any(not b.fallback for b in eligible):
+            return primary
+        if any(not b.fallback for b in eligible):
             # A GPU backend will free up: wait for it rather than fall to the CPU.
+            return []
+        return free
+
+    def pick(
+        self, model: str, model_key: str | None, route: str, exclude: Collection[str] = ()
+    ) -> BackendState | None:
+        """A backend with a free slot, or None when every eligible backend is full.
+
+        Raises ModelNotFoundError / NoBackendError as :meth:`eligible` does.
+        """
+        free = self.free(model, model_key, exclude)
+        if not free:
             return None
         if self.settings.model_affinity and model_key is not None and len(free) > 1:
             free = self._prefer_resident(free, model_key)

@@ -176,3 +176,27 @@ async def test_waiter_for_another_model_does_not_block() -> None:
     assert got is b1
     assert not blocked.done()
     blocked.cancel()
+
+
+async def test_a_retry_keeps_its_place_one_class_up() -> None:
+    """A retried normal request (enqueued long ago, now high) goes before queued highs."""
+    clock = FakeClock()
+    adm, (_b,) = setup(slots=1, clock=clock, aging_s=1000)
+    held = await adm.acquire("m", "m:latest", "x")
+    order: list[str] = []
+
+    async def one(name: str, rank: int, enqueued: float | None = None) -> None:
+        got = await adm.acquire("m", "m:latest", "x", rank=rank, enqueued=enqueued)
+        order.append(name)
+        adm.registry.release(got)
+
+    first_seen = clock.now
+    clock.now += 5
+    tasks = [asyncio.create_task(one("h1", HIGH)), asyncio.create_task(one("h2", HIGH))]
+    await settle()
+    tasks.append(asyncio.create_task(one("retry", HIGH, enqueued=first_seen)))
+    await settle()
+    adm.registry.release(held)
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert order == ["retry", "h1", "h2"]
+    assert adm.queued_by_priority() == {"low": 0, "normal": 0, "high": 0, "urgent": 0}
