@@ -192,6 +192,8 @@ class Forwarder:
                 return status, backend.id, fields
             # A retryable failure before any byte reached the client.
             last_error = outcome
+            if isinstance(outcome, _Timeout):
+                break  # the backend may still be generating: a retry would double the work
             if attempts >= self.settings.max_attempts or not budget.withdraw():
                 break
             self.metrics.retries.labels(reason=_reason(outcome)).inc()
@@ -256,8 +258,19 @@ class Forwarder:
         request_id: str,
         extra_headers: list[tuple[bytes, bytes]],
         started: float,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, dict[str, Any]] | RoutingError:
         status = resp.status
+        content = resp.content
+        # Hold the status line back until the first body byte: a backend that dies before it
+        # can still be retried elsewhere, since the client has seen nothing yet.
+        try:
+            first = await content.readany()
+        except TimeoutError:
+            self.health.record_result(backend, False)
+            return _Timeout(f"backend {backend.id} sent headers but no body in time", 504)
+        except TRANSPORT_ERRORS as exc:
+            self.health.record_result(backend, False, transport=True)
+            return _Transport(f"backend {backend.id} failed before its body: {_describe(exc)}")
         out_headers = [
             (k.lower(), v)
             for k, v in resp.raw_headers
@@ -267,26 +280,25 @@ class Forwarder:
         out_headers.append((b"x-request-id", request_id.encode()))
         out_headers.extend(extra_headers)
         content_type = resp.headers.get("Content-Type", "")
+        ttft = time.perf_counter() - started
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
-        ttft: float | None = None
-        tail = b""
+        # The last chunk closes the response in the same write (one syscall fewer).
+        ended = not first or content.is_eof()
+        await send({"type": "http.response.body", "body": first, "more_body": not ended})
+        tail = first[-768:]
         error: str | None = None
-        ended = False
-        content = resp.content
         try:
-            async for chunk in content.iter_any():
-                if ttft is None:
-                    ttft = time.perf_counter() - started
-                tail = tail[-256:] + chunk if len(chunk) < 512 else chunk
-                # The last chunk closes the response in the same write (one syscall fewer).
-                ended = content.is_eof()
-                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+            if not ended:
+                async for chunk in content.iter_any():
+                    tail = tail[-256:] + chunk if len(chunk) < 512 else chunk
+                    ended = content.is_eof()
+                    await send(
+                        {"type": "http.response.body", "body": chunk, "more_body": not ended}
+                    )
         except TimeoutError:
             error = f"backend {backend.id} stalled: no data for {self.upstream.timeouts.idle_s:g}s"
         except TRANSPORT_ERRORS as exc:
             error = f"backend {backend.id} failed mid-stream: {_describe(exc)}"
-        if ttft is None:
-            ttft = time.perf_counter() - started
         ok = error is None and status < 500
         if error is not None:
             self.health.record_result(backend, False, transport=True)
