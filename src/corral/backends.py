@@ -116,15 +116,6 @@ class BackendState:
     def has_model(self, key: str) -> bool:
         return key in self.models
 
-    def success_rate(self, now: float, window_s: float) -> float:
-        total = bad = 0
-        for at, ok in reversed(self.outcomes):
-            if now - at > window_s:
-                break
-            total += 1
-            bad += not ok
-        return 1.0 if total == 0 else (total - bad) / total
-
     def error_stats(self, now: float, window_s: float) -> tuple[int, int]:
         total = bad = 0
         for at, ok in reversed(self.outcomes):

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -22,6 +23,7 @@ from corral.backends import BackendRegistry, normalize_model
 from corral.errors import ModelNotFoundError, NoBackendError, RoutingError
 from corral.metrics import Metrics
 from corral.proxy import (
+    HOP_BY_HOP,
     Forwarder,
     Message,
     Receive,
@@ -29,7 +31,7 @@ from corral.proxy import (
     RouteSpec,
     Scope,
     Send,
-    is_upstream_status,
+    UpstreamStatusError,
 )
 from corral.upstream import Upstream
 
@@ -77,11 +79,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _request_id(scope: Scope) -> str:
-    for key, value in scope["headers"]:
-        if key == b"x-request-id":
-            text: str = value.decode("latin-1")
-            if 0 < len(text) <= 128 and text.isprintable():
-                return text
+    """The client's X-Request-ID when it is sane, else a new one."""
+    text = _header(scope, b"x-request-id")
+    if text is not None and 0 < len(text) <= 128 and text.isprintable():
+        return text
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
@@ -275,16 +276,14 @@ class OllamaFront:
             )
         except RoutingError as exc:
             status = exc.status
-            if is_upstream_status(exc):
-                ctype = getattr(exc, "content_type", "") or "application/json; charset=utf-8"
-                payload = getattr(exc, "payload", b"") or error_body(
-                    str(exc), openai=openai, status=status
-                )
-                backend_id = getattr(exc, "backend_id", None)
+            if isinstance(exc, UpstreamStatusError):
+                ctype = exc.content_type or "application/json; charset=utf-8"
+                payload = exc.payload or error_body(str(exc), openai=openai, status=status)
+                backend_id = exc.backend_id
                 extra = [(b"content-type", ctype.encode())]
                 if backend_id:
                     extra.append((b"x-corral-backend", backend_id.encode()))
-                if getattr(exc, "busy", False):
+                if exc.busy:
                     extra.append((b"retry-after", b"1"))
                 await send_bytes(
                     send, status, payload, [*extra, (b"x-request-id", request_id.encode())]
@@ -492,8 +491,6 @@ def merge_ps(results: list[tuple[str, Any]]) -> list[dict[str, Any]]:
 
 
 def openai_models(models: list[dict[str, Any]]) -> dict[str, Any]:
-    from datetime import datetime
-
     data = []
     for model in models:
         name = model.get("name") or model.get("model")
@@ -519,11 +516,9 @@ def version_key(version: str) -> tuple[int, ...]:
 
 
 def _forward_headers(scope: Scope, request_id: str) -> dict[str, str]:
-    from corral.proxy import _HOP_BY_HOP
-
     headers: dict[str, str] = {}
     for key, value in scope["headers"]:
-        if key in _HOP_BY_HOP or key == b"authorization":
+        if key in HOP_BY_HOP or key == b"authorization":
             continue
         headers[key.decode("latin-1")] = value.decode("latin-1")
     headers["X-Request-ID"] = request_id

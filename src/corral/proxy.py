@@ -30,7 +30,7 @@ log = structlog.get_logger("corral.access")
 
 # Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus the ones
 # corral sets itself.
-_HOP_BY_HOP = frozenset(
+HOP_BY_HOP = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -238,7 +238,7 @@ class Forwarder:
                 busy = status == 503 and _BUSY in payload
                 if not busy:
                     self.health.record_result(backend, False)
-                return _Status(
+                return UpstreamStatusError(
                     status, payload, resp.headers.get("Content-Type", ""), busy, backend.id
                 )
             return await self._relay(send, backend, resp, route, request_id, extra_headers, started)
@@ -350,7 +350,7 @@ class _Timeout(_Failure):
         super().__init__(message)
 
 
-class _Status(_Failure):
+class UpstreamStatusError(_Failure):
     """The backend answered 5xx before any byte reached the client."""
 
     def __init__(
@@ -395,17 +395,13 @@ def _describe(exc: BaseException) -> str:
     return text[:200]
 
 
-def is_upstream_status(err: RoutingError) -> bool:
-    return isinstance(err, _Status)
-
-
 __all__ = [
     "Forwarder",
     "ResponseCut",
     "RetryBudget",
     "RouteSpec",
     "UpstreamError",
-    "is_upstream_status",
+    "UpstreamStatusError",
     "ndjson_error",
     "sse_error",
 ]
