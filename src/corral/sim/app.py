@@ -74,6 +74,7 @@ def _table() -> dict[str, dict[str, Route]]:
             r("/_sim/config", control.config, "GET", "PUT", internal=True),
             r("/_sim/reset", control.reset, "POST", internal=True),
             r("/_sim/unload", control.unload, "POST", internal=True),
+            r("/_sim/dcgm", control.dcgm, "GET", internal=True),
         ]
     )
 

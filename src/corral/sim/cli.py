@@ -76,6 +76,21 @@ def sim_command(
     check_host: Annotated[
         bool, typer.Option("--check-host", help="403 for Host headers Ollama rejects.")
     ] = False,
+    gpu_name: Annotated[
+        str, typer.Option(help="GPU model name in /_sim/dcgm (default: from --vram-gb).")
+    ] = "",
+    gpu_uuid: Annotated[
+        str, typer.Option(help="GPU UUID in /_sim/dcgm (default: derived from --name).")
+    ] = "",
+    gpu_index: Annotated[int, typer.Option(min=0, help="GPU index in /_sim/dcgm.")] = 0,
+    gpu_temp_c: Annotated[
+        float | None, typer.Option(help="Report this GPU temperature (C) instead of the load's.")
+    ] = None,
+    gpu_util_pct: Annotated[
+        float | None,
+        typer.Option(min=0, max=100, help="Report this GPU utilization (%) instead of the load's."),
+    ] = None,
+    power_limit_w: Annotated[float, typer.Option(help="GPU power limit (W).")] = 350.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Run a simulated Ollama server (every Ollama route, timing, VRAM and faults)."""
@@ -92,6 +107,12 @@ def sim_command(
         max_queue=max_queue,
         vram_bytes=int(vram_gb * GIB),
         check_host=check_host,
+        gpu_name=gpu_name,
+        gpu_uuid=gpu_uuid,
+        gpu_index=gpu_index,
+        gpu_temp_c=gpu_temp_c,
+        gpu_util_pct=gpu_util_pct,
+        power_limit_w=power_limit_w,
         faults=Faults(
             error_rate=error_rate,
             hang=hang,

@@ -192,6 +192,11 @@ class SimConfig:
     as in Ollama); ``max_queue`` bounds only the requests waiting for a model load.
     ``pull_delay_s`` is the pause between pull/push/create progress lines. ``check_host``
     rejects Host headers the way an Ollama bound to loopback does (403, empty body).
+
+    The ``gpu_*`` fields describe the one GPU ``GET /_sim/dcgm`` reports: an empty
+    ``gpu_name`` or ``gpu_uuid`` is derived (from ``vram_bytes``, from ``name``);
+    ``gpu_temp_c`` and ``gpu_util_pct``, when set, are reported exactly instead of the values
+    that follow the load.
     """
 
     name: str = "sim"
@@ -208,10 +213,32 @@ class SimConfig:
     pull_delay_s: float = 0.0
     check_host: bool = False
     faults: Faults = field(default_factory=Faults)
+    gpu_name: str = ""
+    gpu_uuid: str = ""
+    gpu_index: int = 0
+    gpu_temp_c: float | None = None
+    gpu_util_pct: float | None = None
+    power_limit_w: float = 350.0
+
+    @property
+    def reported_gpu_name(self) -> str:
+        """The GPU's model name: ``gpu_name``, else "Simulated GPU <vram>GB"."""
+        return self.gpu_name or f"Simulated GPU {round(self.vram_bytes / GIB)}GB"
+
+    @property
+    def reported_gpu_uuid(self) -> str:
+        """The GPU's UUID: ``gpu_uuid``, else ``GPU-`` and a UUID-shaped hash of ``name``."""
+        if self.gpu_uuid:
+            return self.gpu_uuid
+        h = hashlib.sha256(f"gpu:{self.name}".encode()).hexdigest()
+        return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
     def timing_json(self) -> dict[str, Any]:
-        """The run-time tunables (what ``PUT /_sim/config`` accepts) as JSON."""
-        return {k: getattr(self, k) for k in _CONFIG_TYPES}
+        """The run-time tunables (what ``PUT /_sim/config`` accepts) as JSON; the GPU's name
+        and UUID as reported (derived when not set)."""
+        data = {k: getattr(self, k) for k in _CONFIG_TYPES}
+        data["gpu_name"], data["gpu_uuid"] = self.reported_gpu_name, self.reported_gpu_uuid
+        return data
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update of the run-time tunables; bad keys/types raise ValueError."""
@@ -236,6 +263,12 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "keep_alive_s": (int, float),
     "max_queue": (int,),
     "pull_delay_s": (int, float),
+    "gpu_name": (str,),
+    "gpu_uuid": (str,),
+    "gpu_index": (int,),
+    "gpu_temp_c": (int, float, type(None)),
+    "gpu_util_pct": (int, float, type(None)),
+    "power_limit_w": (int, float),
 }
 
 
@@ -252,5 +285,7 @@ def _update(target: object, changes: dict[str, Any], types: dict[str, tuple[type
             raise ValueError(f"field {key!r} must not be negative")
         if key == "num_parallel" and isinstance(value, int) and value < 1:
             raise ValueError("field 'num_parallel' must be at least 1")
+        if key == "gpu_util_pct" and isinstance(value, int | float) and value > 100:
+            raise ValueError("field 'gpu_util_pct' must be at most 100")
     for key, value in changes.items():
         setattr(target, key, value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from corral.sim.core import Sim
+from corral.sim.gpu import CONTENT_TYPE, render_dcgm
 from corral.sim.wire import Exchange, HTTPError, decode_body
 
 
@@ -43,3 +44,8 @@ async def unload(sim: Sim, ex: Exchange) -> None:
     for key in list(sim.scheduler.runners):
         sim.scheduler.expire(key)
     await ex.json({"models": sim.scheduler.ps()})
+
+
+async def dcgm(sim: Sim, ex: Exchange) -> None:
+    """GET /_sim/dcgm: the simulated GPU as an NVIDIA dcgm-exporter ``/metrics`` page."""
+    await ex.respond(200, render_dcgm(sim).encode(), CONTENT_TYPE)

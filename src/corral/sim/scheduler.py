@@ -263,6 +263,15 @@ class Scheduler:
         for runner in self.runners.values():
             runner.slots.wake()
 
+    def vram_in_use(self) -> int:
+        """Bytes of VRAM the runners hold now (expired ones unloaded first)."""
+        self.purge_expired()
+        return sum(r.size_vram for r in self.runners.values())
+
+    def busy_slots(self) -> int:
+        """Parallel slots taken right now, over all runners."""
+        return sum(r.slots.active for r in self.runners.values())
+
     def ps(self) -> list[dict[str, Any]]:
         """The ``/api/ps`` entries, sorted by ``expires_at`` descending."""
         now = time.time()
