@@ -26,11 +26,11 @@ def free_port() -> int:
 class CorralThread:
     """corral under uvicorn on a background thread (own event loop), on a free port."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, gpu_sampler: Any = None) -> None:
         self.settings = settings
         self.port = settings.server.port
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app: CorralApp = create_app(settings)
+        self.app: CorralApp = create_app(settings, gpu_sampler=gpu_sampler)
         config = uvicorn.Config(
             self.app,
             host="127.0.0.1",
@@ -100,8 +100,11 @@ def make_settings(backends: list[dict[str, Any]], **sections: dict[str, Any]) ->
 def corral_factory() -> Iterator[Any]:
     started: list[CorralThread] = []
 
-    def start(backends: list[dict[str, Any]], **sections: dict[str, Any]) -> CorralThread:
-        server = CorralThread(make_settings(backends, **sections)).__enter__()
+    def start(
+        backends: list[dict[str, Any]], *, gpu_sampler: Any = None, **sections: dict[str, Any]
+    ) -> CorralThread:
+        settings = make_settings(backends, **sections)
+        server = CorralThread(settings, gpu_sampler=gpu_sampler).__enter__()
         started.append(server)
         return server
 

@@ -8,10 +8,10 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from corral.backends import BackendState
-from corral.config import validate_backend_url
+from corral.config import BackendSettings
 from corral.errors import DuplicateBackendError, UnknownBackendError, UnknownStrategyError
 from corral.runtime import Runtime
 
@@ -59,20 +59,12 @@ class StrategyBody(BaseModel):
     strategy: str = Field(min_length=1, max_length=64)
 
 
-class BackendBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
-    url: str
-    max_concurrent: int = Field(4, ge=1, le=10_000)
-    weight: float | None = Field(None, gt=0)
-    gpu: int | str | None = None
-    fallback: bool = False
-    ttl_s: float | None = Field(None, gt=0)
+class BackendBody(BackendSettings):
+    """A backend registered at runtime: the config's fields, plus ``ttl_s``."""
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return validate_backend_url(value)
+    max_concurrent: int = Field(4, ge=1, le=10_000)
+    gpu_metrics_url: str | None = Field(None, max_length=2048)
+    ttl_s: float | None = Field(None, gt=0)
 
 
 class BackendPatch(BaseModel):
@@ -108,6 +100,11 @@ def load_entry(runtime: Runtime, b: BackendState) -> dict[str, Any]:
         "dynamic": b.dynamic,
         "fallback": b.fallback,
         "gpu": b.gpu,
+        "gpu_metrics_url": b.gpu_metrics_url,
+        "gpu_stats": runtime.gpus.backend_summary(b),
+        "vram_total_bytes": b.vram_total_bytes,
+        "vram_free_bytes": b.vram_free_bytes,
+        "gpu_hot": b.gpu_hot,
         "version": b.version,
         "models": sorted(b.model_names),
         "resident": sorted(b.resident),
@@ -162,6 +159,7 @@ async def add_backend(body: BackendBody, runtime: RuntimeDep) -> dict[str, Any]:
         max_concurrent=body.max_concurrent,
         weight=body.weight,
         gpu=body.gpu,
+        gpu_metrics_url=body.gpu_metrics_url,
         fallback=body.fallback,
         registered=True,
         ttl_s=body.ttl_s,
@@ -172,6 +170,7 @@ async def add_backend(body: BackendBody, runtime: RuntimeDep) -> dict[str, Any]:
     except DuplicateBackendError as exc:
         raise HTTPException(409, str(exc)) from None
     await runtime.health.probe(backend)
+    await runtime.gpus.poll()
     return load_entry(runtime, backend)
 
 
@@ -240,6 +239,12 @@ async def heartbeat(
     ttl = body.ttl_s if body and body.ttl_s else backend.ttl_s
     runtime.registry.heartbeat(backend_id, ttl)
     return {"instance_id": backend_id, "ttl_s": ttl}
+
+
+@router.get("/gpus")
+async def gpus(runtime: RuntimeDep) -> dict[str, Any]:
+    """Every GPU corral reads (NVML here, DCGM exporters, /api/ps) and the backends on each."""
+    return runtime.gpus.status()
 
 
 @router.get("/stats")

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from corral import __version__
 from corral.admin import health_routes, router
 from corral.config import Settings
+from corral.gpu import GpuSampler
 from corral.ollama_routes import OllamaFront
 from corral.proxy import Receive, Scope, Send
 from corral.runtime import Runtime
@@ -82,6 +83,11 @@ class CorralApp:
                 return
 
 
-def create_app(settings: Settings, *, upstream: Upstream | None = None) -> CorralApp:
+def create_app(
+    settings: Settings,
+    *,
+    upstream: Upstream | None = None,
+    gpu_sampler: GpuSampler | None = None,
+) -> CorralApp:
     """Build corral's ASGI app; background tasks start with the ASGI lifespan."""
-    return CorralApp(Runtime(settings, upstream=upstream))
+    return CorralApp(Runtime(settings, upstream=upstream, gpu_sampler=gpu_sampler))

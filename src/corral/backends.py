@@ -34,7 +34,8 @@ class BackendState:
     url: str
     max_concurrent: int = 4
     weight: float | None = None
-    gpu: int | str | None = None
+    gpu: int | str | list[int | str] | None = None
+    gpu_metrics_url: str | None = None
     fallback: bool = False
     registered: bool = False  # added through the admin API (kept in the state file)
     ttl_s: float | None = None  # dynamic: leaves rotation without a heartbeat for this long
@@ -62,6 +63,11 @@ class BackendState:
     models: set[str] = field(default_factory=set)
     model_names: list[str] = field(default_factory=list)  # as the backend spells them
     resident: dict[str, dict[str, Any]] = field(default_factory=dict)  # from /api/ps
+    model_sizes: dict[str, int] = field(default_factory=dict)  # bytes, from /api/tags
+    # Kept current by the GPU poller (None: unknown, and routing does not guess).
+    gpu_hot: bool = False
+    vram_total_bytes: int | None = None
+    vram_free_bytes: int | None = None
     ttft: PeakEwma = field(default_factory=PeakEwma)
     outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
     bad_outcomes: int = 0  # failures among ``outcomes``, kept so reading it is O(1)
@@ -75,6 +81,7 @@ class BackendState:
             max_concurrent=cfg.max_concurrent,
             weight=cfg.weight,
             gpu=cfg.gpu,
+            gpu_metrics_url=cfg.gpu_metrics_url,
             fallback=cfg.fallback,
         )
 
@@ -90,6 +97,7 @@ class BackendState:
             "max_concurrent": self.max_concurrent,
             "weight": self.weight,
             "gpu": self.gpu,
+            "gpu_metrics_url": self.gpu_metrics_url,
             "fallback": self.fallback,
             "ttl_s": self.ttl_s,
         }
@@ -115,6 +123,18 @@ class BackendState:
 
     def has_model(self, key: str) -> bool:
         return key in self.models
+
+    def fits(self, model_key: str) -> bool:
+        """The model is no bigger than this backend's GPU memory (True when either is unknown)."""
+        size = self.model_sizes.get(model_key)
+        return size is None or self.vram_total_bytes is None or size <= self.vram_total_bytes
+
+    def has_room(self, model_key: str) -> bool:
+        """The model is loaded here, or the GPU has free memory for it (True when unknown)."""
+        if model_key in self.resident:
+            return True
+        size = self.model_sizes.get(model_key)
+        return size is None or self.vram_free_bytes is None or size <= self.vram_free_bytes
 
     def error_stats(self, now: float, window_s: float) -> tuple[int, int]:
         total = bad = 0

@@ -88,6 +88,8 @@ class GpuSettings(_Section):
     enabled: bool = True
     poll_s: float = Field(2, gt=0)
     max_temp_c: float = Field(85, gt=0)
+    # A GPU that reached max_temp_c is avoided until it is this much cooler.
+    temp_hysteresis_c: float = Field(5, ge=0)
 
 
 class AuthSettings(_Section):
@@ -96,10 +98,16 @@ class AuthSettings(_Section):
     model_management: Literal["admin", "clients"] = "admin"
 
 
+GpuRef = int | str
+
+
 class BackendSettings(_Section):
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     url: str
-    gpu: int | str | None = None
+    # This host's GPU(s) behind the backend: NVML index or UUID, or a list for several.
+    gpu: GpuRef | list[GpuRef] | None = None
+    # A remote host's NVIDIA DCGM exporter (http://host:9400/metrics) to read its GPUs from.
+    gpu_metrics_url: str | None = None
     weight: float | None = Field(None, gt=0)
     max_concurrent: int = Field(4, ge=1)
     fallback: bool = False
@@ -109,17 +117,74 @@ class BackendSettings(_Section):
     def _valid_url(cls, value: str) -> str:
         return validate_backend_url(value)
 
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _no_bool_gpu(cls, value: Any) -> Any:
+        return reject_bool_gpu(value)
 
-def validate_backend_url(value: str) -> str:
-    """Accept ``http(s)://host[:port]`` (an optional path prefix is kept); raise ValueError."""
+    @field_validator("gpu")
+    @classmethod
+    def _valid_gpu(cls, value: GpuRef | list[GpuRef] | None) -> GpuRef | list[GpuRef] | None:
+        return validate_gpu_ref(value)
+
+    @field_validator("gpu_metrics_url")
+    @classmethod
+    def _valid_metrics_url(cls, value: str | None) -> str | None:
+        return None if value is None else validate_metrics_url(value)
+
+
+def reject_bool_gpu(value: Any) -> Any:
+    """``gpu = true`` is a mistake, not GPU 1."""
+    refs = value if isinstance(value, list) else [value]
+    if any(isinstance(ref, bool) for ref in refs):
+        raise ValueError("invalid GPU: expected an index or a UUID, not true/false")
+    return value
+
+
+def validate_gpu_ref(value: GpuRef | list[GpuRef] | None) -> GpuRef | list[GpuRef] | None:
+    """A GPU index (``0``), a UUID (``GPU-…``/``MIG-…``), or a non-empty list of them."""
+    if value is None:
+        return None
+    refs = value if isinstance(value, list) else [value]
+    if not refs:
+        raise ValueError("empty GPU list: give an index, a UUID, or leave gpu out")
+    clean: list[GpuRef] = []
+    for ref in refs:
+        if isinstance(ref, bool):
+            raise ValueError(f"invalid GPU {ref!r}: expected an index or a UUID")
+        if isinstance(ref, str):
+            text = ref.strip()
+            if text.isdigit():
+                ref = int(text)
+            elif not text.upper().startswith(("GPU-", "MIG-")) or len(text) < 8:
+                raise ValueError(f"invalid GPU {ref!r}: expected an index or a UUID (GPU-…)")
+            else:
+                ref = text
+        if isinstance(ref, int) and ref < 0:
+            raise ValueError(f"invalid GPU index {ref}: must be 0 or more")
+        clean.append(ref)
+    return clean if isinstance(value, list) else clean[0]
+
+
+def _http_url(value: str, example: str) -> str:
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid URL {value!r}: expected http://host:port")
+        raise ValueError(f"invalid URL {value!r}: expected {example}")
     try:
         _ = parts.port
     except ValueError as exc:
         raise ValueError(f"invalid URL {value!r}: bad port") from exc
-    return value.strip().rstrip("/")
+    return value.strip()
+
+
+def validate_metrics_url(value: str) -> str:
+    """An ``http(s)://host[:port]/path`` URL, kept as given (the path matters)."""
+    return _http_url(value, "http://host:9400/metrics")
+
+
+def validate_backend_url(value: str) -> str:
+    """Accept ``http(s)://host[:port]`` (an optional path prefix is kept); raise ValueError."""
+    return _http_url(value, "http://host:port").rstrip("/")
 
 
 class Settings(BaseSettings):

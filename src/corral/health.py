@@ -85,9 +85,19 @@ class HealthChecker:
 
     @staticmethod
     def update_models(backend: BackendState, tags: Any, ps: Any) -> None:
-        names = [m.get("name") or m.get("model") for m in (tags or {}).get("models") or []]
-        backend.model_names = [n for n in names if n]
-        backend.models = {normalize_model(n) for n in backend.model_names}
+        names: list[str] = []
+        sizes: dict[str, int] = {}
+        for m in (tags or {}).get("models") or []:
+            name = m.get("name") or m.get("model")
+            if not name:
+                continue
+            names.append(name)
+            size = m.get("size")
+            if isinstance(size, int) and size > 0:
+                sizes[normalize_model(name)] = size
+        backend.model_names = names
+        backend.models = {normalize_model(n) for n in names}
+        backend.model_sizes = sizes
         resident: dict[str, dict[str, Any]] = {}
         for m in (ps or {}).get("models") or []:
             name = m.get("name") or m.get("model")

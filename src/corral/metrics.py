@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -13,6 +14,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Request latency spans milliseconds (embeddings) to minutes (long generations, cold loads).
@@ -108,6 +110,26 @@ class Metrics:
             registry=r,
         )
 
+        self.gpu_poll_errors = Counter(
+            "corral_gpu_poll_errors",
+            "GPU reads that failed (source: nvml, dcgm); each is retried next poll.",
+            ["source"],
+            registry=r,
+        )
+        self.gpu_events = Counter(
+            "corral_gpu_events",
+            "GPU episodes: hot (at or over gpu.max_temp_c), underutilized (under 50% busy "
+            "while requests are in flight on it).",
+            [*GPU_LABELS, "event"],
+            registry=r,
+        )
+        self._gpu_source: Callable[[], Sequence[tuple[tuple[str, ...], Any]]] | None = None
+        r.register(_GpuCollector(self))
+
+    def watch_gpus(self, source: Callable[[], Sequence[tuple[tuple[str, ...], Any]]]) -> None:
+        """Export ``corral_gpu_*`` gauges from ``source()``: (labels, reading) per GPU."""
+        self._gpu_source = source
+
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: label look-ups are a real cost per request."""
         key = (id(metric), labels)
@@ -129,3 +151,40 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+GPU_LABELS = ("gpu", "uuid", "name", "backend")
+
+# (metric name, help, reading attribute)
+_GPU_GAUGES = (
+    (
+        "corral_gpu_utilization_ratio",
+        "Share of time the GPU ran a kernel (0-1).",
+        "utilization_ratio",
+    ),
+    ("corral_gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes"),
+    ("corral_gpu_memory_total_bytes", "GPU memory in all.", "memory_total_bytes"),
+    ("corral_gpu_temperature_celsius", "GPU core temperature.", "temperature_c"),
+    ("corral_gpu_power_watts", "GPU power draw.", "power_w"),
+)
+
+
+class _GpuCollector:
+    """Reads the latest GPU readings at scrape time, so a GPU that went away leaves no series."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(n, h, labels=GPU_LABELS) for n, h, _ in _GPU_GAUGES]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        source = self._metrics._gpu_source
+        rows = source() if source is not None else []
+        for name, help_text, attr in _GPU_GAUGES:
+            family = GaugeMetricFamily(name, help_text, labels=GPU_LABELS)
+            for labels, reading in rows:
+                value = getattr(reading, attr)
+                if value is not None:
+                    family.add_metric(list(labels), float(value))
+            yield family

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 from corral.backends import BackendRegistry, BackendState, Clock
 from corral.config import BalancerSettings
@@ -24,12 +24,10 @@ class Router:
         settings: BalancerSettings,
         *,
         clock: Clock = time.monotonic,
-        vram_total: Callable[[BackendState], int | None] | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self._clock = clock
-        self._vram_total = vram_total or (lambda _b: None)
         self.strategy: Strategy = create_strategy(
             settings.strategy, score_weights=settings.score_weights
         )
@@ -46,7 +44,7 @@ class Router:
     def weight_of(self, backend: BackendState) -> float:
         if backend.weight is not None:
             return backend.weight
-        return weight_for_vram(self._vram_total(backend))
+        return weight_for_vram(backend.vram_total_bytes)
 
     def eligible(self, model_key: str | None, exclude: Collection[str] = ()) -> list[BackendState]:
         """Backends that may serve ``model_key`` now, ignoring free slots.
@@ -63,7 +61,9 @@ class Router:
             return up
         with_model = [b for b in up if model_key in b.models]
         if with_model:
-            return with_model
+            # Big models to big GPUs: skip a GPU too small for the model if another can hold it.
+            fits = [b for b in with_model if b.fits(model_key)]
+            return fits if fits else with_model
         if any(model_key in b.models for b in backends):
             raise NoBackendError(f"no healthy backend has model '{model_key}'")
         if not up and not exclude:
@@ -80,16 +80,14 @@ class Router:
         eligible = self.eligible(model_key, exclude)
         if not eligible:
             raise ModelNotFoundError(model)
+        # A hot GPU is avoided while a cool one can serve (it may be full: then wait for it).
+        cool = [b for b in eligible if not b.gpu_hot]
+        if cool:
+            eligible = cool
         free = [b for b in eligible if b.in_flight < b.max_concurrent]
-        if not free:
-            return free
         primary = [b for b in free if not b.fallback]
-        if primary:
-            return primary
-        if any(not b.fallback for b in eligible):
-            # A GPU backend will free up: wait for it rather than fall to the CPU.
-            return []
-        return free
+        # A fallback (a CPU-only Ollama) serves only when no GPU backend can: all down or full.
+        return primary or free
 
     def pick(
         self, model: str, model_key: str | None, route: str, exclude: Collection[str] = ()
@@ -101,8 +99,10 @@ class Router:
         free = self.free(model, model_key, exclude)
         if not free:
             return None
-        if self.settings.model_affinity and model_key is not None and len(free) > 1:
-            free = self._prefer_resident(free, model_key)
+        if model_key is not None and len(free) > 1:
+            if self.settings.model_affinity:
+                free = self._prefer_resident(free, model_key)
+            free = self._prefer_room(free, model_key)
         if len(free) == 1:
             return free[0]
         by_id = {b.id: b for b in free}
@@ -110,6 +110,12 @@ class Router:
             [b.candidate(self.weight_of(b)) for b in free], RequestInfo(model=model, route=route)
         )
         return by_id[chosen.id]
+
+    @staticmethod
+    def _prefer_room(free: list[BackendState], model_key: str) -> list[BackendState]:
+        """A GPU with free memory for a model not loaded there beats one that would evict."""
+        room = [b for b in free if b.has_room(model_key)]
+        return room if room else free
 
     @staticmethod
     def _prefer_resident(free: list[BackendState], model_key: str) -> list[BackendState]:

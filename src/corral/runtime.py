@@ -11,6 +11,8 @@ from corral.admission import Admission
 from corral.backends import BackendRegistry, BackendState
 from corral.config import Settings
 from corral.errors import DuplicateBackendError
+from corral.gpu import GpuSampler, NullSampler, open_sampler
+from corral.gpu.poller import GpuPoller
 from corral.health import HealthChecker
 from corral.lifecycle import Lifecycle
 from corral.metrics import Metrics
@@ -26,7 +28,13 @@ log = structlog.get_logger("corral")
 class Runtime:
     """Registry, router, admission, forwarder, health checker and metrics, wired together."""
 
-    def __init__(self, settings: Settings, *, upstream: Upstream | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        upstream: Upstream | None = None,
+        gpu_sampler: GpuSampler | None = None,
+    ) -> None:
         self.settings = settings
         self.admin_key = settings.resolved_admin_key()
         self.metrics = Metrics()
@@ -34,6 +42,12 @@ class Runtime:
         self.upstream = upstream or Upstream(settings.timeouts)
         self.health = HealthChecker(self.registry, self.upstream, settings.health, self.metrics)
         self.router = Router(self.registry, settings.balancer)
+        sampler = gpu_sampler or open_sampler(settings.gpu.enabled)
+        if isinstance(sampler, NullSampler) and settings.gpu.enabled:
+            log.warning("no local GPU readings; NVML GPU features off", reason=sampler.reason)
+        self.gpus = GpuPoller(
+            self.registry, settings.gpu, self.metrics, sampler, fetch=self.upstream.get_bytes
+        )
         self.admission = Admission(self.router, settings.queue, self.metrics)
         self.forwarder = Forwarder(
             self.registry,
@@ -63,6 +77,7 @@ class Runtime:
                     max_concurrent=int(record.get("max_concurrent") or 4),
                     weight=record.get("weight"),
                     gpu=record.get("gpu"),
+                    gpu_metrics_url=record.get("gpu_metrics_url"),
                     fallback=bool(record.get("fallback")),
                     registered=True,
                     ttl_s=float(ttl) if ttl else None,
@@ -103,6 +118,10 @@ class Runtime:
             await asyncio.wait_for(self.health.probe_all(), self.settings.health.timeout_s + 1)
         except TimeoutError:
             log.warning("initial health probe did not finish in time")
+        try:
+            await asyncio.wait_for(self.gpus.poll(), 5)
+        except TimeoutError:
+            log.warning("initial GPU poll did not finish in time")
         healthy = sum(b.healthy for b in self.registry.all())
         log.info(
             "corral started",
@@ -111,6 +130,7 @@ class Runtime:
             strategy=self.router.strategy_name,
         )
         self.lifecycle.start("health", self.health.run())
+        self.lifecycle.start("gpus", self.gpus.run())
         sd_notify("READY=1")
 
     async def wait_idle(self, backend: BackendState, timeout_s: float) -> bool:
@@ -159,5 +179,6 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.lifecycle.stop()
+        self.gpus.close()
         await self.upstream.close()
         log.info("corral stopped")

@@ -68,6 +68,10 @@ class Upstream:
 
     async def get_json(self, url: str, timeout_s: float) -> Any:
         """GET ``url`` and decode JSON; raises on transport errors, timeouts and non-2xx."""
+        return json.loads(await self.get_bytes(url, timeout_s))
+
+    async def get_bytes(self, url: str, timeout_s: float) -> bytes:
+        """GET ``url``'s body; raises on transport errors, timeouts and non-2xx."""
         timeout = aiohttp.ClientTimeout(
             total=timeout_s, sock_connect=min(timeout_s, self.timeouts.connect_s)
         )
@@ -80,7 +84,7 @@ class Upstream:
                     status=resp.status,
                     message=body[:200].decode(errors="replace"),
                 )
-            return json.loads(body)
+            return body
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:

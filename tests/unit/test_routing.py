@@ -79,16 +79,38 @@ def test_draining_and_ejected_backends_take_nothing_new() -> None:
     assert {r.pick("m", "m:latest", "x").id for _ in range(30)} == {"a"}  # type: ignore[union-attr]
 
 
-def test_full_backends_yield_none_and_fallback_only_as_last_resort() -> None:
-    """All GPU backends full: wait (None); a CPU fallback serves only when no GPU backend exists."""
-    gpu = backend("gpu", "m", max_concurrent=1)
-    cpu = backend("cpu", "m", fallback=True)
-    r = router(gpu, cpu)
-    assert r.pick("m", "m:latest", "x") is gpu
-    gpu.in_flight = 1
+def test_full_backends_yield_none() -> None:
+    """Every backend full: None (the request waits in the queue)."""
+    a = backend("a", "m", max_concurrent=1)
+    r = router(a, backend("b", "m", max_concurrent=1))
+    a_or_b = {r.pick("m", "m:latest", "x").id for _ in range(2)}  # type: ignore[union-attr]
+    assert a_or_b <= {"a", "b"}
+    for b in r.registry.all():
+        b.in_flight = 1
     assert r.pick("m", "m:latest", "x") is None
-    gpu.healthy = False
-    assert r.pick("m", "m:latest", "x") is cpu
+
+
+def test_fallback_only_when_every_gpu_backend_is_down_or_full() -> None:
+    """A CPU fallback gets nothing while a GPU backend has a slot; it serves when all are full
+    or down, and the GPU backends win again as soon as one has room."""
+    gpu0 = backend("gpu0", "m", max_concurrent=1)
+    gpu1 = backend("gpu1", "m", max_concurrent=1)
+    cpu = backend("cpu", "m", fallback=True, max_concurrent=8)
+    r = router(gpu0, gpu1, cpu)
+    picks = {r.pick("m", "m:latest", "x").id for _ in range(20)}  # type: ignore[union-attr]
+    assert picks <= {"gpu0", "gpu1"}
+    gpu0.in_flight = 1
+    assert all(r.pick("m", "m:latest", "x") is gpu1 for _ in range(10))
+    gpu1.in_flight = 1
+    assert r.pick("m", "m:latest", "x") is cpu  # every GPU backend full
+    gpu1.in_flight = 0
+    gpu1.healthy = False
+    assert r.pick("m", "m:latest", "x") is cpu  # one full, one down
+    gpu0.in_flight = 0
+    assert r.pick("m", "m:latest", "x") is gpu0
+    cpu.in_flight = 8
+    gpu0.in_flight = 1
+    assert r.pick("m", "m:latest", "x") is None  # nothing free anywhere: queue
 
 
 def test_affinity_prefers_resident_unless_much_busier() -> None:
