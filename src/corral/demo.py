@@ -32,11 +32,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _sim_server(name: str, port: int, ttft_s: float, token_interval_s: float) -> uvicorn.Server:
+def _sim_server(
+    name: str, port: int, ttft_s: float, token_interval_s: float, gpu_name: str, vram_gib: int
+) -> uvicorn.Server:
     from corral.sim import SimConfig, create_sim_app
+    from corral.sim.config import GIB
 
     sim = create_sim_app(
-        SimConfig(name=name, ttft_s=ttft_s, token_interval_s=token_interval_s, num_parallel=4)
+        SimConfig(
+            name=name,
+            ttft_s=ttft_s,
+            token_interval_s=token_interval_s,
+            num_parallel=4,
+            vram_bytes=vram_gib * GIB,
+            gpu_name=gpu_name,
+        )
     )
     config = uvicorn.Config(
         sim,
@@ -61,8 +71,9 @@ async def _wait_started(server: uvicorn.Server, task: asyncio.Task[None]) -> Non
 def _banner(url: str, fast: int, slow: int) -> None:
     console.print(f"\n[bold green]corral is running at {url}[/bold green]", highlight=False)
     console.print(
-        f"in front of two simulated GPUs: gpu0 (fast, 127.0.0.1:{fast}) and "
-        f"gpu1 (slow, 127.0.0.1:{slow})\n",
+        f"in front of two simulated GPUs: gpu0 (a fast 80 GB GPU, 127.0.0.1:{fast}) and "
+        f"gpu1 (a slow 24 GB GPU, 127.0.0.1:{slow}); their GPU stats come from each "
+        "simulator's DCGM-exporter page\n",
         highlight=False,
     )
     console.print("Try it:", style="bold")
@@ -80,6 +91,7 @@ def _banner(url: str, fast: int, slow: int) -> None:
         markup=False,
     )
     console.print(f"  CORRAL_URL={url} .venv/bin/corral status", highlight=False, markup=False)
+    console.print(f"  .venv/bin/corral gpus --url {url}", highlight=False, markup=False)
     console.print(f"  curl {url}/metrics\n", highlight=False, markup=False)
 
 
@@ -95,16 +107,41 @@ async def _demo(port: int, strategy: str) -> None:
             "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
             "balancer": {"strategy": strategy},
             "health": {"interval_s": 2},
+            "gpu": {"poll_s": 1},
             "backends": [
-                {"id": "gpu0", "url": f"http://127.0.0.1:{fast_port}", "max_concurrent": 4},
-                {"id": "gpu1", "url": f"http://127.0.0.1:{slow_port}", "max_concurrent": 2},
+                {
+                    "id": "gpu0",
+                    "url": f"http://127.0.0.1:{fast_port}",
+                    "max_concurrent": 4,
+                    "gpu_metrics_url": f"http://127.0.0.1:{fast_port}/_sim/dcgm",
+                },
+                {
+                    "id": "gpu1",
+                    "url": f"http://127.0.0.1:{slow_port}",
+                    "max_concurrent": 2,
+                    "gpu_metrics_url": f"http://127.0.0.1:{slow_port}/_sim/dcgm",
+                },
             ],
         },
     )
     configure_logging("warning", "console")
     servers = [
-        _sim_server("gpu0-fast", fast_port, ttft_s=0.05, token_interval_s=0.02),
-        _sim_server("gpu1-slow", slow_port, ttft_s=0.3, token_interval_s=0.08),
+        _sim_server(
+            "gpu0-fast",
+            fast_port,
+            ttft_s=0.05,
+            token_interval_s=0.02,
+            gpu_name="Simulated H100 80GB",
+            vram_gib=80,
+        ),
+        _sim_server(
+            "gpu1-slow",
+            slow_port,
+            ttft_s=0.3,
+            token_interval_s=0.08,
+            gpu_name="Simulated L4 24GB",
+            vram_gib=24,
+        ),
     ]
     corral = build_server(settings)
     corral.config.loop = "none"

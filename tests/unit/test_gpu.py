@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from corral.backends import BackendRegistry, BackendState, normalize_model
 from corral.config import BalancerSettings, GpuSettings, load_config
 from corral.errors import ConfigError
 from corral.gpu import NullSampler, NvmlSampler, detect_local_gpus, open_sampler
+from corral.gpu.dcgm import DcgmFormatError, parse_dcgm
 from corral.gpu.poller import GpuPoller
 from corral.metrics import Metrics
 from corral.routing import Router
@@ -303,6 +305,19 @@ async def test_model_too_big_for_the_small_gpu_goes_to_the_big_one() -> None:
     assert router.pick("llama3.1:70b", "llama3.1:70b", "generate") is small
 
 
+async def test_too_big_beats_no_room_right_now() -> None:
+    """The H100 is busy with other models (no room now) but can hold the model once it evicts;
+    the L4 never can: the model still goes to the H100."""
+    h100 = h100_idle()
+    h100.memory_used = h100.memory_total - 10 * GB
+    big, small = backend("big", "mixtral:8x7b", gpu=0), backend("small", "mixtral:8x7b", gpu=1)
+    for b in (big, small):
+        b.model_sizes = {"mixtral:8x7b": 26_442_481_545}
+    poller, router, _ = fleet(big, small, nvml=FakeNvml([h100, l4_idle()]))
+    await poller.poll()
+    assert picks(router, "mixtral:8x7b") == Counter(big=40)
+
+
 async def test_gpu_without_room_ranks_below_one_with_room() -> None:
     """A model not loaded anywhere goes where it fits in free VRAM, not where it would evict."""
     h100, l4 = h100_idle(), l4_idle()
@@ -380,3 +395,83 @@ async def test_api_ps_gives_coarse_vram_when_nothing_else_does() -> None:
     [entry] = poller.status()["gpus"][2:]
     assert entry["backends"] == ["remote"]
     assert entry["source"] == "ollama"
+
+
+# DCGM exporter (remote hosts) -----------------------------------------------------------------
+
+DCGM_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "dcgm-exporter-sample.txt"
+MIB = 1024**2
+
+
+def test_dcgm_page_parses_into_one_reading_per_gpu() -> None:
+    """The exporter's page gives both GPUs with MiB → bytes, % → ratio, W and °C as they are."""
+    h100, l4 = parse_dcgm(DCGM_SAMPLE.read_text(), host="10.0.0.7")
+    assert (h100.index, h100.name, l4.index, l4.name) == (
+        0,
+        "NVIDIA H100 80GB HBM3",
+        1,
+        "NVIDIA L4",
+    )
+    assert h100.uuid.startswith("GPU-")
+    assert h100.memory_used_bytes == 42318 * MIB
+    assert h100.memory_total_bytes == (42318 + 38662 + 579) * MIB  # used + free + reserved
+    assert l4.memory_total_bytes == 23034 * MIB
+    assert h100.utilization_ratio == pytest.approx(0.97)
+    assert (h100.temperature_c, l4.temperature_c) == (51, 33)
+    assert h100.power_w == pytest.approx(412.517)
+    assert (h100.source, h100.host) == ("dcgm", "gpu-node-07")
+
+
+def test_dcgm_garbage_is_a_clear_error() -> None:
+    with pytest.raises(DcgmFormatError, match="no DCGM"):
+        parse_dcgm("# HELP up Up.\n# TYPE up gauge\nup 1\n")
+    with pytest.raises(DcgmFormatError):
+        parse_dcgm("<html>not metrics</html>{{{")
+
+
+async def test_remote_backends_read_their_gpus_from_the_exporter() -> None:
+    """gpu_metrics_url + gpu picks that GPU off the page: weights, fit and heat all follow."""
+    page = DCGM_SAMPLE.read_text()
+    pages = {"http://10.0.0.7:9400/metrics": page}
+    fetched: list[str] = []
+
+    async def fetch(url: str, timeout_s: float) -> bytes:
+        fetched.append(url)
+        if url not in pages:
+            raise ConnectionRefusedError(f"cannot connect to {url}")
+        return pages[url].encode()
+
+    url = "http://10.0.0.7:9400/metrics"
+    big = backend("big", "mixtral:8x7b", gpu=0, gpu_metrics_url=url)
+    small = backend("small", "mixtral:8x7b", gpu="GPU-67314b6c-7408-2d97-59a9-c3add0cc671d")
+    small.gpu_metrics_url = url
+    gone = backend("gone", "mixtral:8x7b", gpu_metrics_url="http://10.0.0.9:9400/metrics")
+    for b in (big, small, gone):
+        b.model_sizes = {"mixtral:8x7b": 26_442_481_545}
+    registry = BackendRegistry([big, small, gone])
+    metrics = Metrics()
+    poller = GpuPoller(registry, GpuSettings(), metrics, NullSampler("no NVML here"), fetch=fetch)
+    router = Router(registry, BalancerSettings(strategy="weighted_round_robin"))
+    await poller.poll()
+    assert fetched.count(url) == 1  # one scrape per exporter, however many backends use it
+    assert (router.weight_of(big), router.weight_of(small), router.weight_of(gone)) == (
+        3.0,
+        1.5,
+        1.0,
+    )
+    assert set(picks(router, "mixtral:8x7b")) == {"big", "gone"}  # the L4 is too small for 26 GB
+    assert sample_value(metrics, "corral_gpu_poll_errors_total", source="dcgm") == 1
+    status = poller.status()
+    assert status["exporters"]["http://10.0.0.9:9400/metrics"]["ok"] is False
+    assert {e["name"]: e["backends"] for e in status["gpus"]} == {
+        "NVIDIA H100 80GB HBM3": ["big"],
+        "NVIDIA L4": ["small"],
+    }
+    labels = {"gpu": "1", "name": "NVIDIA L4", "backend": "small"}
+    assert sample_value(metrics, "corral_gpu_memory_total_bytes", **labels) == 23034 * MIB
+    temp = 'DCGM_FI_DEV_GPU_TEMP{gpu="0",'
+    lines = [ln[: ln.rindex(" ")] + " 91" if ln.startswith(temp) else ln for ln in page.split("\n")]
+    pages[url] = "\n".join(lines)
+    await poller.poll()
+    assert big.gpu_hot
+    assert set(picks(router, "mixtral:8x7b")) == {"gone"}

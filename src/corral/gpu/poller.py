@@ -311,6 +311,8 @@ class GpuPoller:
             entry = coarse.to_json()
             entry.update(key=f"ollama:{backend.id}", hot=False, backends=[backend.id])
             entries.append(entry)
+        # This host's GPUs first, then by the backends on them.
+        entries.sort(key=lambda e: (e["source"] != "nvml", e["backends"][:1], e["index"]))
         return entries
 
     def backend_summary(self, backend: BackendState) -> dict[str, Any] | None:
