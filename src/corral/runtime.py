@@ -43,8 +43,13 @@ class Runtime:
         self.health = HealthChecker(self.registry, self.upstream, settings.health, self.metrics)
         self.router = Router(self.registry, settings.balancer)
         sampler = gpu_sampler or open_sampler(settings.gpu.enabled)
-        if isinstance(sampler, NullSampler) and settings.gpu.enabled:
-            log.warning("no local GPU readings; NVML GPU features off", reason=sampler.reason)
+        if isinstance(sampler, NullSampler):
+            backends = settings.backends
+            mapped = [b.id for b in backends if b.gpu is not None and not b.gpu_metrics_url]
+            # Loud only when the config expects local GPUs; one line either way.
+            (log.warning if mapped else log.info)(
+                "local GPU features off", reason=sampler.reason, backends_with_gpu=mapped
+            )
         self.gpus = GpuPoller(
             self.registry, settings.gpu, self.metrics, sampler, fetch=self.upstream.get_bytes
         )
