@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(BIN)/corral demo
 
 test: $(STAMP)
+	sh scripts/test-deps.sh
 	$(BIN)/pytest -q -p no:cacheprovider
 
 check: $(STAMP)

@@ -115,6 +115,17 @@ def _register_sim() -> None:
 _register_sim()
 
 
+def _register_init() -> None:
+    from corral.init_cmd import init_command
+
+    app.command("init", help="Write a corral config and one Ollama service per GPU of this host.")(
+        init_command
+    )
+
+
+_register_init()
+
+
 # Client commands ---------------------------------------------------------------------------
 
 
@@ -148,14 +159,42 @@ def _fmt_s(value: float | None) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1024**3:.1f}"
+
+
+def _vram(used: float | None, total: float | None) -> str:
+    if used is None and total is None:
+        return "-"
+    return f"{_gib(used)}/{_gib(total)} GiB"
+
+
+def _pct(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio * 100:.0f}%"
+
+
+def _temp(value: float | None, hot: bool = False) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.0f}°C"
+    return f"[red]{text} hot[/red]" if hot else text
+
+
+def _short_gpu_name(name: str | None) -> str:
+    return "-" if not name else name.removeprefix("NVIDIA ")
+
+
 def load_table(data: dict[str, Any], *, wide: bool | None = None) -> Table:
     """The load table ``corral status`` prints (the URL column only on wide terminals)."""
     if wide is None:
-        wide = console.width >= 110
+        wide = console.width >= 150
     table = Table(title=f"corral: strategy {data.get('strategy')}", title_justify="left")
     table.add_column("backend", no_wrap=True)
     table.add_column("state", no_wrap=True)
     for col in ("in flight", "requests", "failures", "ttft", "avg", "weight"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("gpu", no_wrap=True)
+    for col in ("util", "vram", "temp"):
         table.add_column(col, justify="right", no_wrap=True)
     if wide:
         table.add_column("url", no_wrap=True)
@@ -177,11 +216,95 @@ def load_table(data: dict[str, Any], *, wide: bool | None = None) -> Table:
             _fmt_s(e.get("ttft_ewma_s")),
             _fmt_s(e.get("avg_response_time")),
             f"{e.get('weight', 1.0):g}",
+            *_gpu_cells(e.get("gpu_stats")),
         ]
         if wide:
             row.append(str(e.get("url", "")))
         table.add_row(*row)
     return table
+
+
+def _gpu_cells(g: dict[str, Any] | None) -> list[str]:
+    if not g:
+        return ["-", "-", "-", "-"]
+    return [
+        _short_gpu_name(g.get("name")) if g.get("source") != "ollama" else "(from /api/ps)",
+        _pct(g.get("utilization_ratio")),
+        _vram(g.get("memory_used_bytes"), g.get("memory_total_bytes")),
+        _temp(g.get("temperature_c"), bool(g.get("hot"))),
+    ]
+
+
+def gpu_table(gpus: list[dict[str, Any]], title: str) -> Table:
+    """The table ``corral gpus`` prints: one row per GPU."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("gpu", justify="right", no_wrap=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("uuid", no_wrap=True)
+    for col in ("util", "memory", "temp", "power"):
+        table.add_column(col, justify="right", no_wrap=True)
+    show_backends = any("backends" in g for g in gpus)
+    if show_backends:
+        table.add_column("backends", no_wrap=True)
+    show_hosts = any(g.get("host") for g in gpus)
+    if show_hosts:
+        table.add_column("host", no_wrap=True)
+    for g in gpus:
+        power = g.get("power_w")
+        limit = g.get("power_limit_w")
+        power_text = "-" if power is None else f"{power:.0f} W"
+        if power is not None and limit:
+            power_text += f" / {limit:.0f} W"
+        row = [
+            str(g.get("index")) if (g.get("index") is not None and g["index"] >= 0) else "-",
+            g.get("name") or "-",
+            g.get("uuid") or "-",
+            _pct(g.get("utilization_ratio")),
+            _vram(g.get("memory_used_bytes"), g.get("memory_total_bytes")),
+            _temp(g.get("temperature_c"), bool(g.get("hot"))),
+            power_text,
+        ]
+        if show_backends:
+            row.append(", ".join(g.get("backends") or []) or "-")
+        if show_hosts:
+            row.append(g.get("host") or "local")
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def gpus(
+    as_json: JsonOpt = False,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url", help="Ask a running corral instead of this host's NVML.", show_default=False
+        ),
+    ] = None,
+    admin_key: KeyOpt = None,
+) -> None:
+    """List this host's GPUs through NVML (or, with --url, the GPUs a running corral reads)."""
+    if url is not None:
+        data = _call(url, admin_key, "GET", "/api/v1/loadbalancer/gpus")
+        if as_json:
+            print(json.dumps(data, indent=2))
+            return
+        if not data.get("gpus"):
+            err.print("no GPU readings on that corral", markup=False)
+            raise typer.Exit(1)
+        console.print(gpu_table(data["gpus"], f"GPUs read by corral at {url}"))
+        return
+    from corral.gpu import detect_local_gpus
+
+    found, reason = detect_local_gpus()
+    if as_json:
+        print(json.dumps({"gpus": [g.to_json() for g in found], "error": reason}, indent=2))
+    elif reason is not None:
+        err.print(f"no GPU found: {reason}", markup=False)
+    else:
+        console.print(gpu_table([g.to_json() for g in found], "GPUs on this host (NVML)"))
+    if reason is not None:
+        raise typer.Exit(1)
 
 
 @app.command()

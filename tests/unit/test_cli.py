@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -11,6 +12,8 @@ import respx
 from typer.testing import CliRunner
 
 from corral.cli import app
+from corral.gpu import detect_local_gpus
+from tests.fake_nvml import FakeNvml, h100_idle, l4_idle
 
 runner = CliRunner()
 URL = "http://corral.test:11434"
@@ -31,6 +34,15 @@ LOADS = {
             "healthy": True,
             "draining": False,
             "ejected": False,
+            "gpu_stats": {
+                "source": "nvml",
+                "name": "NVIDIA H100 80GB HBM3",
+                "utilization_ratio": 0.99,
+                "memory_used_bytes": 1429012480,
+                "memory_total_bytes": 85520809984,
+                "temperature_c": 54,
+                "hot": False,
+            },
         },
         "gpu1": {
             "instance_id": "gpu1",
@@ -78,6 +90,10 @@ def test_status_prints_the_load_table() -> None:
     assert "up" in row0
     assert "1/4" in row0
     assert "42" in row0
+    assert "H100 80GB HBM3" in row0
+    assert "99%" in row0
+    assert "1.3/79.6 GiB" in row0
+    assert "54°C" in row0
     row1 = next(line for line in result.output.splitlines() if "gpu1" in line)
     assert "down" in row1
 
@@ -135,3 +151,69 @@ def test_help(args: list[str]) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0
     assert "Usage" in result.output
+
+
+def _fake_detect(nvml: FakeNvml) -> Any:
+    return lambda: detect_local_gpus(nvml)
+
+
+def test_gpus_lists_this_hosts_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`corral gpus`: one row per NVML GPU with memory, utilization, temperature and power."""
+    monkeypatch.setattr(
+        "corral.gpu.detect_local_gpus", _fake_detect(FakeNvml([h100_idle(), l4_idle()]))
+    )
+    result = runner.invoke(app, ["gpus"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    h100 = next(line for line in lines if "H100" in line)
+    assert "0.5/79.6 GiB" in h100  # 503 MB used of 85.5 GB, as the real H100 read idle
+    assert "36°C" in h100
+    assert "112 W / 700 W" in h100
+    assert h100_idle().uuid in h100
+    assert any("NVIDIA L4" in line for line in lines)
+
+
+def test_gpus_json_and_no_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--json gives the readings; with no NVML the reason is printed and the exit code is 1."""
+    monkeypatch.setattr("corral.gpu.detect_local_gpus", _fake_detect(FakeNvml()))
+    result = runner.invoke(app, ["gpus", "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["error"] is None
+    assert data["gpus"][0]["memory_total_bytes"] == 85520809984
+    monkeypatch.setattr("corral.gpu.detect_local_gpus", _fake_detect(FakeNvml(missing=True)))
+    result = runner.invoke(app, ["gpus"])
+    assert result.exit_code == 1
+    assert "no GPU found: NVML is not available: NVML Shared Library Not Found" in result.output
+    result = runner.invoke(app, ["gpus", "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["gpus"] == []
+
+
+@respx.mock
+def test_gpus_from_a_running_corral() -> None:
+    """`corral gpus --url` shows the GPUs a corral reads, with the backends on each."""
+    gpu = h100_idle()
+    entry = {
+        "index": 0,
+        "name": gpu.name,
+        "uuid": gpu.uuid,
+        "memory_used_bytes": gpu.memory_used,
+        "memory_total_bytes": gpu.memory_total,
+        "utilization_ratio": 0.99,
+        "temperature_c": 86,
+        "power_w": 690.0,
+        "power_limit_w": 700.0,
+        "hot": True,
+        "host": "",
+        "backends": ["gpu0"],
+    }
+    respx.get(f"{URL}/api/v1/loadbalancer/gpus").mock(
+        return_value=httpx.Response(200, json={"nvml": True, "gpus": [entry]})
+    )
+    result = runner.invoke(app, ["gpus", "--url", URL], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "H100" in line)
+    assert "99%" in row
+    assert "86°C hot" in row
+    assert "gpu0" in row
