@@ -50,6 +50,7 @@ class Waiter:
     enqueued: float
     seq: int
     future: asyncio.Future[BackendState] = field(repr=False)
+    session: str | None = None
 
     def effective(self, now: float, aging_s: float) -> float:
         """Class rank, raised by one class for every ``aging_s`` waited (so low never starves)."""
@@ -109,6 +110,7 @@ class Admission:
         *,
         rank: int = 1,
         enqueued: float | None = None,
+        session: str | None = None,
     ) -> BackendState:
         """A backend with one slot already reserved for the caller (release it when done).
 
@@ -120,14 +122,14 @@ class Admission:
             raise NoBackendError(self.closed_reason, self._retry_after())
         if not self._count or not any(self._classes[r] for r in range(rank, len(self._classes))):
             # Nobody waits ahead of this request: take a free slot if there is one.
-            backend = self.router.pick(model, model_key, route, exclude)
+            backend = self.router.pick(model, model_key, route, exclude, session)
             if backend is not None:
                 self.registry.reserve(backend)
                 return backend
         else:
             # Others wait: check the request is servable at all before queueing it.
             self.router.eligible(model_key, exclude)
-        return await self._wait(model, model_key, route, exclude, rank, enqueued)
+        return await self._wait(model, model_key, route, exclude, rank, enqueued, session)
 
     async def _wait(
         self,
@@ -137,6 +139,7 @@ class Admission:
         exclude: Collection[str],
         rank: int,
         enqueued: float | None,
+        session: str | None = None,
     ) -> BackendState:
         if self._count >= self.settings.max_size:
             self._reject("queue_full")
@@ -152,6 +155,7 @@ class Admission:
             now if enqueued is None else enqueued,
             next(self._seq),
             loop.create_future(),
+            session,
         )
         self._add(waiter)
         gauge = self.metrics.queue_depth.labels(priority=PRIORITY_NAMES[rank])
@@ -207,7 +211,9 @@ class Admission:
                         break
             if best is None:
                 return
-            backend = self.router.pick(best.model, best.model_key, best.route, best.exclude)
+            backend = self.router.pick(
+                best.model, best.model_key, best.route, best.exclude, best.session
+            )
             if backend is None:  # pragma: no cover - free() just said otherwise
                 return
             self.registry.reserve(backend)

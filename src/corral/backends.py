@@ -64,6 +64,7 @@ class BackendState:
     model_names: list[str] = field(default_factory=list)  # as the backend spells them
     resident: dict[str, dict[str, Any]] = field(default_factory=dict)  # from /api/ps
     model_sizes: dict[str, int] = field(default_factory=dict)  # bytes, from /api/tags
+    loading: dict[str, float] = field(default_factory=dict)  # model -> since (monotonic)
     # Kept current by the GPU poller (None: unknown, and routing does not guess).
     gpu_hot: bool = False
     vram_total_bytes: int | None = None
@@ -131,7 +132,7 @@ class BackendState:
 
     def has_room(self, model_key: str) -> bool:
         """The model is loaded here, or the GPU has free memory for it (True when unknown)."""
-        if model_key in self.resident:
+        if model_key in self.resident or model_key in self.loading:
             return True
         size = self.model_sizes.get(model_key)
         return size is None or self.vram_free_bytes is None or size <= self.vram_free_bytes

@@ -42,6 +42,12 @@ class ServerSettings(_Section):
 class BalancerSettings(_Section):
     strategy: str = "least_connections"
     model_affinity: bool = True
+    # A backend holding the model (or the conversation) keeps its requests unless it has more
+    # than affinity_spill_abs requests in flight beyond the least loaded eligible backend (in
+    # its own slots) and more than affinity_spill_ratio times its load.
+    affinity_spill_abs: float = Field(2, ge=0)
+    affinity_spill_ratio: float = Field(1.5, ge=1)
+    session_affinity: bool = True
     max_attempts: int = Field(3, ge=1, le=10)
     retry_budget_ratio: float = Field(0.2, ge=0, le=1)
     retry_budget_min: float = Field(3, ge=0)

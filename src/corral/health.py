@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
 
 import structlog
 
-from corral.backends import BackendRegistry, BackendState, Clock, normalize_model
+from corral import inventory
+from corral.backends import BackendRegistry, BackendState, Clock
 from corral.config import HealthSettings
 from corral.metrics import Metrics
 from corral.upstream import Upstream
@@ -72,7 +72,7 @@ class HealthChecker:
                 self.upstream.get_json(f"{backend.url}/api/tags", timeout),
                 self.upstream.get_json(f"{backend.url}/api/ps", timeout),
             )
-            self.update_models(backend, tags, ps)
+            inventory.update(backend, tags, ps)
             self.registry.refresh_models()
             ok = True
         except asyncio.CancelledError:
@@ -82,28 +82,6 @@ class HealthChecker:
                 log.debug("probe failed", backend=backend.id, error=repr(exc))
         self.record_probe(backend, ok, started)
         return ok
-
-    @staticmethod
-    def update_models(backend: BackendState, tags: Any, ps: Any) -> None:
-        names: list[str] = []
-        sizes: dict[str, int] = {}
-        for m in (tags or {}).get("models") or []:
-            name = m.get("name") or m.get("model")
-            if not name:
-                continue
-            names.append(name)
-            size = m.get("size")
-            if isinstance(size, int) and size > 0:
-                sizes[normalize_model(name)] = size
-        backend.model_names = names
-        backend.models = {normalize_model(n) for n in names}
-        backend.model_sizes = sizes
-        resident: dict[str, dict[str, Any]] = {}
-        for m in (ps or {}).get("models") or []:
-            name = m.get("name") or m.get("model")
-            if name:
-                resident[normalize_model(name)] = m
-        backend.resident = resident
 
     def record_probe(self, backend: BackendState, ok: bool, started: float | None = None) -> None:
         s = self.settings

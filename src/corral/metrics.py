@@ -123,6 +123,18 @@ class Metrics:
             [*GPU_LABELS, "event"],
             registry=r,
         )
+        self.cold_loads = Counter(
+            "corral_cold_loads",
+            "Requests sent to a backend that did not hold their model (it loads it first).",
+            ["backend"],
+            registry=r,
+        )
+        self.cold_loads_avoided = Counter(
+            "corral_cold_loads_avoided",
+            "Requests kept on a backend holding their model while another eligible one did not.",
+            ["backend"],
+            registry=r,
+        )
         self._gpu_source: Callable[[], Sequence[tuple[tuple[str, ...], Any]]] | None = None
         r.register(_GpuCollector(self))
 

@@ -146,6 +146,7 @@ class Forwarder:
         request_id: str,
         extra_headers: list[tuple[bytes, bytes]],
         rank: int = 1,
+        session: str | None = None,
     ) -> tuple[int, str | None, dict[str, Any]]:
         """Serve the request; returns (status, backend id, log fields). Raises RoutingError
         only while nothing has been sent to the client."""
@@ -166,6 +167,7 @@ class Forwarder:
                     tried,
                     rank=rank + (1 if attempts else 0),
                     enqueued=enqueued,
+                    session=session,
                 )
             except RoutingError as exc:
                 if last_error is not None and isinstance(exc, NoBackendError):

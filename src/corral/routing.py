@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
+from typing import Any
 
+from corral import inventory
 from corral.backends import BackendRegistry, BackendState, Clock
 from corral.config import BalancerSettings
 from corral.errors import ModelNotFoundError, NoBackendError
+from corral.metrics import Metrics
+from corral.sessions import SessionMap
 from corral.strategies import RequestInfo, Strategy, create_strategy, weight_for_vram
-
-# A resident backend keeps the request unless it is this much busier (in slot fractions)
-# than the least loaded eligible one: a cold load costs seconds, a short wait less.
-AFFINITY_SLACK = 0.5
 
 
 class Router:
@@ -24,10 +24,15 @@ class Router:
         settings: BalancerSettings,
         *,
         clock: Clock = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self._clock = clock
+        self.metrics = metrics
+        self._cold_loads = metrics.cold_loads if metrics else None
+        self._cold_avoided = metrics.cold_loads_avoided if metrics else None
+        self._sessions = SessionMap(clock=clock)
         self.strategy: Strategy = create_strategy(
             settings.strategy, score_weights=settings.score_weights
         )
@@ -90,7 +95,12 @@ class Router:
         return primary or free
 
     def pick(
-        self, model: str, model_key: str | None, route: str, exclude: Collection[str] = ()
+        self,
+        model: str,
+        model_key: str | None,
+        route: str,
+        exclude: Collection[str] = (),
+        session: str | None = None,
     ) -> BackendState | None:
         """A backend with a free slot, or None when every eligible backend is full.
 
@@ -99,10 +109,33 @@ class Router:
         free = self.free(model, model_key, exclude)
         if not free:
             return None
-        if model_key is not None and len(free) > 1:
+        loads_model = model_key is not None and route != "show"
+        chosen = self._choose(free, model, model_key, route, session if loads_model else None)
+        if loads_model:
+            assert model_key is not None
+            self._note(chosen, free, model_key, session)
+        return chosen
+
+    def _choose(
+        self,
+        free: list[BackendState],
+        model: str,
+        model_key: str | None,
+        route: str,
+        session: str | None,
+    ) -> BackendState:
+        if len(free) == 1:
+            return free[0]
+        if session is not None and self.settings.session_affinity:
+            held = self._sessions.get(session)
+            backend = next((b for b in free if b.id == held), None)
+            if backend is not None and not self._spills(backend, free):
+                return backend
+        if model_key is not None and route != "show":
             if self.settings.model_affinity:
-                free = self._prefer_resident(free, model_key)
-            free = self._prefer_room(free, model_key)
+                free = self._affine(free, model_key)
+            else:
+                free = self._prefer_room(free, model_key)
         if len(free) == 1:
             return free[0]
         by_id = {b.id: b for b in free}
@@ -111,21 +144,62 @@ class Router:
         )
         return by_id[chosen.id]
 
+    def _spills(self, backend: BackendState, free: list[BackendState]) -> bool:
+        """``backend`` is too much busier than the least loaded one to keep its affinity."""
+        load = backend.in_flight / backend.max_concurrent
+        least = min(b.in_flight / b.max_concurrent for b in free)
+        excess = (load - least) * backend.max_concurrent  # in the backend's own requests
+        return (
+            excess > self.settings.affinity_spill_abs
+            and load > least * self.settings.affinity_spill_ratio
+        )
+
+    def _affine(self, free: list[BackendState], model_key: str) -> list[BackendState]:
+        """Hot-model affinity with bounded load, then VRAM-aware placement of a cold model."""
+        tiers = (
+            [b for b in free if inventory.where(b, model_key) == "gpu" or model_key in b.loading],
+            [b for b in free if inventory.where(b, model_key) == "partial"],
+        )
+        for tier in tiers:
+            kept = [b for b in tier if not self._spills(b, free)]
+            if kept:
+                return kept
+        if tiers[0] or tiers[1]:
+            return free  # on a GPU, but too busy there: a second copy is worth it
+        return self._roomiest(free, model_key)
+
+    def _roomiest(self, free: list[BackendState], model_key: str) -> list[BackendState]:
+        """A model loaded nowhere: the GPU with the most free memory for it (bounded load)."""
+        room = self._prefer_room(free, model_key)
+        known = [b for b in room if b.vram_free_bytes is not None and not self._spills(b, free)]
+        if len(known) < len(room):
+            return room  # some GPUs unknown: no basis to rank them
+        most = max(b.vram_free_bytes or 0 for b in known)
+        return [b for b in known if b.vram_free_bytes == most]
+
     @staticmethod
     def _prefer_room(free: list[BackendState], model_key: str) -> list[BackendState]:
         """A GPU with free memory for a model not loaded there beats one that would evict."""
         room = [b for b in free if b.has_room(model_key)]
         return room if room else free
 
-    @staticmethod
-    def _prefer_resident(free: list[BackendState], model_key: str) -> list[BackendState]:
-        resident = [b for b in free if model_key in b.resident]
-        if not resident or len(resident) == len(free):
-            return free
+    def _note(
+        self,
+        chosen: BackendState,
+        free: list[BackendState],
+        model_key: str,
+        session: str | None,
+    ) -> None:
+        """Count a cold load performed or avoided; remember the conversation's backend."""
+        if model_key in chosen.resident or model_key in chosen.loading:
+            if any(model_key not in b.resident and model_key not in b.loading for b in free):
+                self._count(self._cold_avoided, chosen.id)
+        else:
+            inventory.mark_loading(chosen, model_key, self._clock())
+            self._count(self._cold_loads, chosen.id)
+        if session is not None and self.settings.session_affinity:
+            self._sessions.put(session, chosen.id)
 
-        def load(b: BackendState) -> float:
-            return b.in_flight / b.max_concurrent
-
-        if min(map(load, resident)) - min(map(load, free)) <= AFFINITY_SLACK:
-            return resident
-        return free
+    def _count(self, metric: Any, backend_id: str) -> None:
+        if self.metrics is not None:
+            self.metrics.child(metric, backend_id).inc()

@@ -14,6 +14,7 @@ from corral.errors import DuplicateBackendError
 from corral.gpu import GpuSampler, NullSampler, open_sampler
 from corral.gpu.poller import GpuPoller
 from corral.health import HealthChecker
+from corral.inventory import ResidencyCollector
 from corral.lifecycle import Lifecycle
 from corral.metrics import Metrics
 from corral.proxy import Forwarder
@@ -41,7 +42,8 @@ class Runtime:
         self.registry = BackendRegistry(BackendState.from_settings(b) for b in settings.backends)
         self.upstream = upstream or Upstream(settings.timeouts)
         self.health = HealthChecker(self.registry, self.upstream, settings.health, self.metrics)
-        self.router = Router(self.registry, settings.balancer)
+        self.router = Router(self.registry, settings.balancer, metrics=self.metrics)
+        self.metrics.registry.register(ResidencyCollector(self.registry))
         sampler = gpu_sampler or open_sampler(settings.gpu.enabled)
         if isinstance(sampler, NullSampler):
             backends = settings.backends

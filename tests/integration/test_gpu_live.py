@@ -46,6 +46,15 @@ def backends_of(client: httpx.Client, model: str, n: int) -> Counter[str]:
     return got
 
 
+def warm(client: httpx.Client, model: str, *sims: Any) -> None:
+    """Load ``model`` on every sim directly, and wait until corral sees it resident on each."""
+    for sim in sims:
+        with httpx.Client(base_url=sim.url, timeout=10) as direct:
+            direct.post("/api/generate", json={"model": model, "prompt": "", "stream": False})
+    key = model if ":" in model else f"{model}:latest"
+    assert poll(lambda: all(key in e["resident"] for e in loads(client).values()), 5)
+
+
 def loads(client: httpx.Client) -> dict[str, Any]:
     data: dict[str, Any] = client.get("/api/v1/loadbalancer/loads").json()["loads"]
     return data
@@ -70,9 +79,10 @@ def test_gpus_from_exporter_pages_show_in_admin_loads_and_weights(
 
 def test_hot_gpu_is_avoided_until_it_cools(sim_factory: Any, corral_factory: Any) -> None:
     """A simulated GPU at 90 °C gets no requests; back under the hysteresis, it gets them again."""
-    big, _, corral = two_gpus(sim_factory, corral_factory, max_temp_c=85, temp_hysteresis_c=5)
+    big, small, corral = two_gpus(sim_factory, corral_factory, max_temp_c=85, temp_hysteresis_c=5)
     with httpx.Client(base_url=corral.url, timeout=10) as client:
         assert poll(lambda: loads(client)["big"]["gpu_stats"] is not None, 5)
+        warm(client, "llama3.2", big, small)
         assert set(backends_of(client, "llama3.2", 6)) == {"big", "small"}
         big.config.gpu_temp_c = 90
         assert poll(lambda: loads(client)["big"]["gpu_hot"], 5)
@@ -90,9 +100,10 @@ def test_model_too_big_for_the_small_gpu_lands_on_the_big_one(
     sim_factory: Any, corral_factory: Any
 ) -> None:
     """A 26 GB model goes to the 80 GB GPU only; a small model still spreads over both."""
-    _, _, corral = two_gpus(sim_factory, corral_factory)
+    big, small, corral = two_gpus(sim_factory, corral_factory)
     with httpx.Client(base_url=corral.url, timeout=10) as client:
         assert poll(lambda: loads(client)["small"]["vram_total_bytes"] is not None, 5)
+        warm(client, "llama3.2", big, small)
         assert backends_of(client, "mixtral:8x7b", 6) == Counter(big=6)
         assert set(backends_of(client, "llama3.2", 6)) == {"big", "small"}
 

@@ -18,7 +18,7 @@ from corral.gpu.poller import GpuPoller
 from corral.metrics import Metrics
 from corral.routing import Router
 from tests.fake_nvml import FakeNvml, h100_idle, l4_idle, load_sample
-from tests.unit.test_routing import FakeClock
+from tests.unit.test_routing import FakeClock, loaded
 
 GB = 10**9
 H100_UUID = load_sample()["idle"][0]["uuid"]
@@ -119,12 +119,12 @@ def test_detect_local_gpus_lists_both_and_shuts_nvml_down() -> None:
 
 async def test_poll_with_nvml_missing_leaves_routing_alone() -> None:
     """Without NVML nothing is known: no VRAM, nothing hot, weights 1.0, requests flow."""
-    a, b = backend("a", "m", gpu=0), backend("b", "m", gpu=1)
+    a, b = loaded(backend("a", "m", gpu=0), "m"), loaded(backend("b", "m", gpu=1), "m")
     poller, router, _ = fleet(a, b, nvml=FakeNvml(missing=True))
     await poller.poll()
     assert (a.vram_total_bytes, a.gpu_hot, router.weight_of(a)) == (None, False, 1.0)
     assert set(picks(router, "m")) == {"a", "b"}
-    assert poller.status()["gpus"] == []
+    assert {g["source"] for g in poller.status()["gpus"]} == {"ollama"}  # /api/ps only
 
 
 # Mapping ----------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ async def test_hot_gpu_is_avoided_then_readmitted_after_it_cools() -> None:
     """At max_temp_c a GPU's backend gets nothing; it stays out until below the hysteresis."""
     h100, l4 = h100_idle(), l4_idle()
     nvml = FakeNvml([h100, l4])
-    a, b = backend("a", "m", gpu=0), backend("b", "m", gpu=1)
+    a, b = loaded(backend("a", "m", gpu=0), "m"), loaded(backend("b", "m", gpu=1), "m")
     poller, router, metrics = fleet(a, b, nvml=nvml, max_temp_c=85, temp_hysteresis_c=5)
     await poller.poll()
     assert set(picks(router, "m")) == {"a", "b"}
@@ -293,8 +293,8 @@ async def test_hot_gpu_busy_peer_means_wait_not_hot() -> None:
 
 async def test_model_too_big_for_the_small_gpu_goes_to_the_big_one() -> None:
     """A 40 GB model never lands on the 24 GB L4 while the H100 can hold it; small ones spread."""
-    big = backend("big", "llama3.1:70b", "llama3.2", gpu=0)
-    small = backend("small", "llama3.1:70b", "llama3.2", gpu=1)
+    big = loaded(backend("big", "llama3.1:70b", "llama3.2", gpu=0), "llama3.2")
+    small = loaded(backend("small", "llama3.1:70b", "llama3.2", gpu=1), "llama3.2")
     for b in (big, small):
         b.model_sizes = {"llama3.1:70b": 42_520_412_561, "llama3.2:latest": 2_019_393_189}
     poller, router, _ = fleet(big, small)
@@ -328,13 +328,14 @@ async def test_gpu_without_room_ranks_below_one_with_room() -> None:
     poller, router, _ = fleet(full, roomy, nvml=FakeNvml([h100, l4]))
     await poller.poll()
     assert picks(router, "qwen2.5:7b") == Counter(roomy=40)
-    full.resident = {"qwen2.5:7b": {"size_vram": 4_683_087_332}}  # loaded there: it wins
+    roomy.loading.clear()  # as if those requests had gone elsewhere
+    loaded(full, "qwen2.5:7b", size=4_683_087_332)  # loaded there: it wins
     assert picks(router, "qwen2.5:7b") == Counter(full=40)
 
 
 async def test_weights_come_from_vram_when_not_configured() -> None:
     """weighted_round_robin: H100 80 GB → 3.0, L4 24 GB → 1.5, so 2:1; a configured weight wins."""
-    a, b = backend("a", "m", gpu=0), backend("b", "m", gpu=1)
+    a, b = loaded(backend("a", "m", gpu=0), "m"), loaded(backend("b", "m", gpu=1), "m")
     poller, router, _ = fleet(a, b, strategy="weighted_round_robin")
     await poller.poll()
     assert (router.weight_of(a), router.weight_of(b)) == (3.0, 1.5)
@@ -448,6 +449,7 @@ async def test_remote_backends_read_their_gpus_from_the_exporter() -> None:
     gone = backend("gone", "mixtral:8x7b", gpu_metrics_url="http://10.0.0.9:9400/metrics")
     for b in (big, small, gone):
         b.model_sizes = {"mixtral:8x7b": 26_442_481_545}
+        loaded(b, "mixtral:8x7b", size=30_000_000_000)
     registry = BackendRegistry([big, small, gone])
     metrics = Metrics()
     poller = GpuPoller(registry, GpuSettings(), metrics, NullSampler("no NVML here"), fetch=fetch)

@@ -32,6 +32,13 @@ def backend(bid: str, *models: str, **kw: object) -> BackendState:
     return b
 
 
+def loaded(b: BackendState, *models: str, size: int = 2_000_000_000) -> BackendState:
+    """Mark ``models`` as loaded all on GPU on ``b`` (as its /api/ps would show them)."""
+    for m in models:
+        b.resident[normalize_model(m)] = {"name": m, "size": size, "size_vram": size}
+    return b
+
+
 def router(*backends: BackendState, strategy: str = "least_connections", **kw: object) -> Router:
     registry = BackendRegistry(backends)
     return Router(registry, BalancerSettings(strategy=strategy, **kw))  # type: ignore[arg-type]
@@ -117,7 +124,7 @@ def test_affinity_prefers_resident_unless_much_busier() -> None:
     """A backend with the model loaded wins, unless it is far busier than a cold one."""
     hot = backend("hot", "m", max_concurrent=4)
     cold = backend("cold", "m", max_concurrent=4)
-    hot.resident = {"m:latest": {}}
+    loaded(hot, "m")
     r = router(hot, cold)
     assert all(r.pick("m", "m:latest", "x") is hot for _ in range(20))
     hot.in_flight = 3
@@ -126,7 +133,7 @@ def test_affinity_prefers_resident_unless_much_busier() -> None:
 
 def test_strategy_switch_keeps_working() -> None:
     """Switching strategy at runtime changes the choice rule immediately."""
-    a, b = backend("a", "m"), backend("b", "m")
+    a, b = loaded(backend("a", "m"), "m"), loaded(backend("b", "m"), "m")
     r = router(a, b, strategy="round_robin")
     picks = [r.pick("m", "m:latest", "x").id for _ in range(4)]  # type: ignore[union-attr]
     assert picks.count("a") == 2

@@ -1,0 +1,133 @@
+"""Models per backend: installed (``/api/tags``) and resident (``/api/ps``), and where they run.
+
+The health checker reads both lists on every probe (every ``health.interval_s``, at once when a
+backend recovers, and after model-management calls); :func:`update` turns them into the
+backend's ``models``, ``model_sizes`` and ``resident``. Requests routed to a backend that does
+not hold their model yet mark it *loading* there, so the next requests for it follow instead
+of starting a second cold load elsewhere before the next ``/api/ps`` shows it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from prometheus_client.core import GaugeMetricFamily
+
+from corral.backends import BackendRegistry, BackendState, normalize_model
+
+Where = Literal["gpu", "partial", "cpu"]
+# A "loading" mark lasts until /api/ps lists the model, or this long.
+LOADING_TTL_S = 120.0
+
+
+def residency(size: Any, size_vram: Any) -> Where | None:
+    """Ollama's own rule (``ollama ps``' PROCESSOR column): all on GPU only when
+    ``size_vram == size``; none on GPU when ``size_vram == 0``; else partly; None: unknown."""
+    if not isinstance(size, int) or not isinstance(size_vram, int):
+        return None
+    if size_vram == 0:
+        return "cpu"
+    if size_vram == size:
+        return "gpu"
+    if size_vram > size or size == 0:
+        return None
+    return "partial"
+
+
+def where(backend: BackendState, model_key: str) -> Where | None:
+    """Where ``model_key`` runs on ``backend`` now; None when it is not loaded there."""
+    entry = backend.resident.get(model_key)
+    if entry is None:
+        return None
+    return residency(entry.get("size"), entry.get("size_vram"))
+
+
+def update(backend: BackendState, tags: Any, ps: Any, *, now: float | None = None) -> None:
+    """Take a backend's ``/api/tags`` and ``/api/ps`` answers."""
+    names: list[str] = []
+    sizes: dict[str, int] = {}
+    for m in (tags or {}).get("models") or []:
+        name = m.get("name") or m.get("model")
+        if not name:
+            continue
+        names.append(name)
+        size = m.get("size")
+        if isinstance(size, int) and size > 0:
+            sizes[normalize_model(name)] = size
+    backend.model_names = names
+    backend.models = {normalize_model(n) for n in names}
+    backend.model_sizes = sizes
+    resident: dict[str, dict[str, Any]] = {}
+    for m in (ps or {}).get("models") or []:
+        name = m.get("name") or m.get("model")
+        if name:
+            resident[normalize_model(name)] = m
+    backend.resident = resident
+    now = time.monotonic() if now is None else now
+    backend.loading = {
+        key: since
+        for key, since in backend.loading.items()
+        if key not in resident and now - since < LOADING_TTL_S
+    }
+
+
+def mark_loading(backend: BackendState, model_key: str, now: float | None = None) -> None:
+    """A request for ``model_key`` went to ``backend``, which did not hold it: it loads now."""
+    if model_key not in backend.resident:
+        backend.loading.setdefault(model_key, time.monotonic() if now is None else now)
+
+
+def models_view(registry: BackendRegistry) -> list[dict[str, Any]]:
+    """Every model some backend has installed or loaded: the admin API's ``GET /models``."""
+    names: dict[str, str] = {}
+    for b in registry.all():
+        for name in b.model_names:
+            names.setdefault(normalize_model(name), name)
+        for key, ps_entry in b.resident.items():
+            names.setdefault(key, ps_entry.get("name") or key)
+    models = []
+    for key in sorted(names):
+        backends: dict[str, Any] = {}
+        for b in registry.all():
+            entry = b.resident.get(key)
+            installed = key in b.models
+            if not installed and entry is None:
+                continue
+            backends[b.id] = {
+                "installed": installed,
+                "resident": where(b, key) if entry is not None else None,
+                "loading": key in b.loading,
+                "size": entry.get("size") if entry else b.model_sizes.get(key),
+                "size_vram": entry.get("size_vram") if entry else None,
+                "expires_at": entry.get("expires_at") if entry else None,
+            }
+        models.append({"name": names[key], "backends": backends})
+    return models
+
+
+class ResidencyCollector:
+    """``corral_model_resident{backend,model,where}``: 1 per model loaded, read at scrape time."""
+
+    def __init__(self, registry: BackendRegistry) -> None:
+        self._registry = registry
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "corral_model_resident",
+            "Models loaded per backend (1), by where they run: gpu, partial (split with the "
+            "CPU) or cpu, by Ollama's /api/ps rule.",
+            labels=("backend", "model", "where"),
+        )
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        for b in self._registry.all():
+            for key in b.resident:
+                family.add_metric([b.id, key, where(b, key) or "unknown"], 1.0)
+        yield family
