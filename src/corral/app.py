@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from corral import __version__
 from corral.admin import health_routes, router
 from corral.config import Settings
+from corral.fanout import FanOut
 from corral.gpu import GpuSampler
 from corral.ollama_routes import OllamaFront
 from corral.proxy import Receive, Scope, Send
@@ -56,6 +57,13 @@ class CorralApp:
             registry=runtime.registry,
             upstream=runtime.upstream,
             metrics=runtime.metrics,
+            fanout=FanOut(
+                runtime.registry,
+                runtime.upstream,
+                runtime.health,
+                admin_key=runtime.admin_key,
+                open_to_clients=runtime.settings.auth.model_management == "clients",
+            ),
             max_body_bytes=int(runtime.settings.server.max_body_mb * 1_000_000),
             aggregate_timeout_s=runtime.settings.health.timeout_s + 3,
         )

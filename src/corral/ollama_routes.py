@@ -21,6 +21,7 @@ import structlog
 from corral.admission import parse_priority
 from corral.backends import BackendRegistry, normalize_model
 from corral.errors import ModelNotFoundError, NoBackendError, RoutingError
+from corral.fanout import FanOut
 from corral.metrics import Metrics
 from corral.proxy import (
     HOP_BY_HOP,
@@ -121,6 +122,7 @@ class OllamaFront:
         registry: BackendRegistry,
         upstream: Upstream,
         metrics: Metrics,
+        fanout: FanOut,
         max_body_bytes: int,
         aggregate_timeout_s: float,
     ) -> None:
@@ -129,6 +131,7 @@ class OllamaFront:
         self.registry = registry
         self.upstream = upstream
         self.metrics = metrics
+        self.fanout = fanout
         self.max_body_bytes = max_body_bytes
         self.aggregate_timeout_s = aggregate_timeout_s
 
@@ -173,12 +176,15 @@ class OllamaFront:
             if method not in allowed:
                 await _method_not_allowed(send)
                 return
-            name = path.split("/")[2]
-            message = (
-                f"model management (/api/{name}) is not supported by this corral version yet; "
-                "run it against each backend directly"
+            request_id = _request_id(scope)
+            await self.fanout.handle(
+                scope,
+                receive,
+                send,
+                request_id=request_id,
+                headers=_forward_headers(scope, request_id),
+                read_body=lambda: self._read_body(scope, receive, send, False),
             )
-            await send_bytes(send, 501, error_body(message, openai=False, status=501), [_JSON])
             return
         await self.fallback(scope, receive, send)
 

@@ -1,0 +1,569 @@
+"""Fan-out model management: one management request sent to many backends, answers merged.
+
+``pull``, ``push``, ``create``, ``copy``, ``delete`` and ``HEAD|POST /api/blobs/{digest}`` go to
+every healthy, non-draining backend, or only to those named with ``?backend=ID`` (repeatable;
+a named backend may be draining, not down). Shapes:
+
+- pull, push, create always stream from the backends, whatever the client asked: progress lines
+  keep the idle timeout quiet through downloads that take minutes. With ``stream`` true (Ollama's
+  default) the client gets one NDJSON stream: each backend's progress lines with ``"backend"``
+  added, as they arrive; ``{"backend", "status": "success"}`` or ``{"backend", "error"}`` per
+  backend as it ends; then ``{"status": "success"}`` or ``{"error", "failed": [ids]}``. With
+  ``stream: false`` one object: ``{"status": "success", "backends": {id: {"status"}}}``.
+- copy and delete answer 200 with an empty body, blobs 200 (201 when some backend stored it).
+- When some target failed the others still run to the end, and the answer is
+  ``{"error", "failed": [ids], "backends": {id: {"status"} | {"error"}}}`` with the failures'
+  own status when they all agree (404 when every target said not found, 500 for Ollama's failed
+  pull, 400 for a bad name, 504 when all timed out), else 502. A stream whose every target failed
+  before any progress answers the same way: an early error keeps a real status, as in Ollama.
+- A backend that succeeded with pull, create, copy or delete is probed at once, before its
+  success line, so routing sees its new model list.
+- Blob uploads stream to every target at the pace of the slowest; there is no size cap.
+- A client that goes away cancels every upstream request. The ``ollama`` package raises at the
+  first line with an ``error`` (a failed backend's line) and closes the stream, which cancels
+  the backends still pulling; with ``stream: false`` it waits for all and raises on the status.
+- These routes need the admin key (``admin_denial``) unless ``auth.model_management`` is
+  ``"clients"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qs
+
+import aiohttp
+import structlog
+
+from corral.backends import BackendRegistry, BackendState
+from corral.errors import CorralError, UnknownBackendError
+from corral.health import HealthChecker
+from corral.proxy import Receive, Scope, Send
+from corral.upstream import Upstream
+
+log = structlog.get_logger("corral.fanout")
+
+STREAMING = frozenset({"pull", "push", "create"})
+# Actions that change a backend's model list: it is probed after each success.
+CHANGES_MODELS = frozenset({"pull", "create", "copy", "delete"})
+_DIGEST = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
+_JSON = (b"content-type", b"application/json; charset=utf-8")
+_NDJSON = (b"content-type", b"application/x-ndjson")
+_BROKEN = (TimeoutError, aiohttp.ClientError, OSError, ValueError)
+_T = TypeVar("_T")
+BodyReader = Callable[[], Awaitable[bytes | None]]
+
+
+def admin_denial(
+    key: str | None, api_key: str | None, authorization: str | None, client_host: str | None
+) -> tuple[int, str] | None:
+    """Why a caller may not use an admin-only route, as (status, message); None if it may.
+
+    ``X-API-Key`` or an ``Authorization: Bearer`` token must equal ``key`` (constant-time
+    comparison); with no key configured only loopback callers are let in.
+    """
+    if key is None:
+        if _loopback(client_host):
+            return None
+        return 403, "only loopback callers may do this while no admin key is set"
+    given = api_key
+    if given is None and authorization:
+        scheme, _, token = authorization.partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else None
+    if given is not None and hmac.compare_digest(given.encode(), key.encode()):
+        return None
+    return 401, "unauthorized"
+
+
+def _loopback(host: str | None) -> bool:
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one backend ended: its (HTTP-like) status, and the error when it failed."""
+
+    backend_id: str
+    status: int
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _RefusedError(CorralError):
+    """Answer at once with ``status`` and ``{"error": message}``; nothing was sent upstream."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.headers = headers
+        super().__init__(message)
+
+
+@dataclass(slots=True)
+class _Job:
+    """One management request: what is sent upstream and where, and what it answers with."""
+
+    action: str
+    method: str
+    path: str
+    headers: dict[str, str]  # forwarded upstream
+    targets: list[BackendState]
+    reply_headers: list[tuple[bytes, bytes]]
+
+    @property
+    def refresh(self) -> bool:
+        return self.action in CHANGES_MODELS
+
+
+class FanOut:
+    """Sends a management request to its target backends and merges their answers."""
+
+    def __init__(
+        self,
+        registry: BackendRegistry,
+        upstream: Upstream,
+        health: HealthChecker,
+        *,
+        admin_key: str | None,
+        open_to_clients: bool,
+    ) -> None:
+        self.registry = registry
+        self.upstream = upstream
+        self.health = health
+        self.admin_key = admin_key
+        self.open_to_clients = open_to_clients
+
+    async def handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        request_id: str,
+        headers: dict[str, str],
+        read_body: BodyReader,
+    ) -> None:
+        """Serve one management request (the method is already checked against the path)."""
+        started = time.perf_counter()
+        path: str = scope["path"]
+        action, method = path.split("/")[2], scope["method"]
+        base = [(b"x-request-id", request_id.encode())]
+        headers.pop("accept-encoding", None)  # corral reads the progress lines itself
+        model: str | None = None
+        data: dict[str, Any] = {}
+        body: bytes | None = None
+        try:
+            self._authorize(scope)
+            if action == "blobs":
+                model = path[len("/api/blobs/") :]
+                if not _DIGEST.match(model):
+                    raise _RefusedError(400, "invalid digest format", [])
+            else:
+                body = await read_body()
+                if body is None:  # answered already (413) or the client left
+                    return
+                data = _parse(body)
+                name = data.get("model") or data.get("name") or data.get("source")
+                model = name if isinstance(name, str) else None
+            targets = self.targets(scope["query_string"])
+        except _RefusedError as exc:
+            payload = {"error": str(exc)}
+            await _reply(send, exc.status, payload, [*base, *exc.headers], head=method == "HEAD")
+            return
+        base.append((b"x-corral-backend", ",".join(b.id for b in targets).encode()))
+        job = _Job(action, method, path, headers, targets, base)
+        result: tuple[int, list[Outcome]] | None
+        if action in STREAMING:
+            upstream_body = json.dumps({**data, "stream": True}).encode()
+            stream = data.get("stream") is not False
+            result = await _unless_gone(receive, self._progress(send, job, upstream_body, stream))
+        elif action == "blobs" and method == "POST":
+            length = _header(scope, b"content-length")
+            if length is not None:
+                headers["Content-Length"] = length
+            result = await self._upload(receive, send, job)
+        else:
+            result = await _unless_gone(receive, self._simple(send, job, body))
+        status, outcomes = result if result is not None else (499, [])
+        log.info(
+            "fan-out",
+            request_id=request_id,
+            action=action,
+            model=model,
+            targets=[b.id for b in targets],
+            failed=[o.backend_id for o in outcomes if not o.ok],
+            status=status,
+            duration_s=round(time.perf_counter() - started, 6),
+        )
+
+    def _authorize(self, scope: Scope) -> None:
+        if self.open_to_clients:
+            return
+        client = scope.get("client")
+        denied = admin_denial(
+            self.admin_key,
+            _header(scope, b"x-api-key"),
+            _header(scope, b"authorization"),
+            client[0] if client else None,
+        )
+        if denied is not None:
+            status, message = denied
+            extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+            raise _RefusedError(status, message, extra)
+
+    def targets(self, query: bytes) -> list[BackendState]:
+        """The backends named by ``?backend=ID`` (healthy ones), else every available one."""
+        named = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("backend")
+        retry = [(b"retry-after", b"1")]
+        if not named:
+            now = time.monotonic()
+            found = [b for b in self.registry.all() if b.available(now)]
+            if not found:
+                raise _RefusedError(503, "no healthy backend available", retry)
+            return found
+        chosen: list[BackendState] = []
+        for backend_id in dict.fromkeys(named):
+            try:
+                backend = self.registry.get(backend_id)
+            except UnknownBackendError as exc:
+                raise _RefusedError(404, str(exc), []) from None
+            if not backend.healthy:
+                raise _RefusedError(503, f"backend {backend_id!r} is down", retry)
+            chosen.append(backend)
+        return chosen
+
+    # pull, push, create ---------------------------------------------------------------------
+
+    async def _progress(
+        self, send: Send, job: _Job, body: bytes, stream: bool
+    ) -> tuple[int, list[Outcome]]:
+        # Events: a progress line, None (a backend answered 2xx: the stream may begin), an Outcome.
+        events: asyncio.Queue[bytes | Outcome | None] = asyncio.Queue(256)
+        tasks = [asyncio.create_task(self._progress_one(job, b, body, events)) for b in job.targets]
+        outcomes: list[Outcome] = []
+        held: list[bytes] = []
+        started = False
+        try:
+            while len(outcomes) < len(tasks):
+                event = await events.get()
+                if isinstance(event, Outcome):
+                    outcomes.append(event)
+                    held.append(_line(_finish_line(event)))
+                elif event is not None:
+                    held.append(event)
+                if not stream or not (started or event is None):
+                    continue
+                if not started:
+                    start = [*job.reply_headers, _NDJSON]
+                    await send({"type": "http.response.start", "status": 200, "headers": start})
+                    started = True
+                for chunk in held:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                held.clear()
+        finally:
+            await _cancel(tasks)
+        outcomes = _in_order(outcomes, job.targets)
+        status, report = 200, {"status": "success", "backends": _by_backend(outcomes)}
+        if not all(o.ok for o in outcomes):
+            status, report = _report(job.action, outcomes)
+        if started:
+            del report["backends"]  # told line by line already
+            await send({"type": "http.response.body", "body": _line(report), "more_body": False})
+            return 200, outcomes
+        await _reply(send, status, report, job.reply_headers)
+        return status, outcomes
+
+    async def _progress_one(
+        self,
+        job: _Job,
+        backend: BackendState,
+        body: bytes,
+        events: asyncio.Queue[bytes | Outcome | None],
+    ) -> None:
+        outcome = await self._read_progress(job, backend, body, events)
+        if outcome.ok and job.refresh:
+            await self.health.probe(backend)
+        await events.put(outcome)
+
+    async def _read_progress(
+        self,
+        job: _Job,
+        backend: BackendState,
+        body: bytes,
+        events: asyncio.Queue[bytes | Outcome | None],
+    ) -> Outcome:
+        bid = backend.id
+        try:
+            resp = await self.upstream.open("POST", backend.url + job.path, job.headers, body)
+        except _BROKEN as exc:
+            return _broken(bid, exc)
+        try:
+            if not 200 <= resp.status < 300:
+                return Outcome(bid, resp.status, _error_text(await resp.read(), resp.status))
+            await events.put(None)
+            success = False
+            async for raw in resp.content:  # one NDJSON line at a time
+                if not raw.strip():
+                    continue
+                obj = json.loads(raw)
+                if not isinstance(obj, dict):
+                    return Outcome(bid, 502, "the backend sent a progress line that is no object")
+                if obj.get("error"):
+                    # Ollama's waitForStream turns an error mid-stream into a 500.
+                    return Outcome(bid, 500, str(obj["error"]))
+                if obj.get("status") == "success":
+                    success = True  # reported as this backend's own finish line
+                    continue
+                obj.pop("backend", None)
+                await events.put(_line({"backend": bid, **obj}))
+            if success:
+                return Outcome(bid, 200)
+            return Outcome(bid, 502, "the backend's stream ended before success")
+        except _BROKEN as exc:
+            return _broken(bid, exc)
+        finally:
+            resp.close()
+
+    # copy, delete, blobs --------------------------------------------------------------------
+
+    async def _simple(self, send: Send, job: _Job, body: bytes | None) -> tuple[int, list[Outcome]]:
+        outcomes = await asyncio.gather(*(self._call(job, b, body) for b in job.targets))
+        return await self._answer(send, job, list(outcomes))
+
+    async def _upload(
+        self, receive: Receive, send: Send, job: _Job
+    ) -> tuple[int, list[Outcome]] | None:
+        feeds = [_Feed(self.upstream.timeouts.idle_s) for _ in job.targets]
+
+        async def one(backend: BackendState, feed: _Feed) -> Outcome:
+            try:
+                return await self._call(job, backend, feed.chunks())
+            finally:
+                feed.close()
+
+        pairs = zip(job.targets, feeds, strict=True)
+        tasks = [asyncio.create_task(one(b, f)) for b, f in pairs]
+        try:
+            if not await _pump(receive, feeds):
+                return None
+            outcomes = await _unless_gone(receive, asyncio.gather(*tasks))
+        finally:
+            await _cancel(tasks)
+        return None if outcomes is None else await self._answer(send, job, list(outcomes))
+
+    async def _answer(
+        self, send: Send, job: _Job, outcomes: list[Outcome]
+    ) -> tuple[int, list[Outcome]]:
+        if all(o.ok for o in outcomes):
+            status = 201 if any(o.status == 201 for o in outcomes) else 200
+            await _reply(send, status, None, job.reply_headers)
+            return status, outcomes
+        status, report = _report(job.action, outcomes)
+        await _reply(send, status, report, job.reply_headers, head=job.method == "HEAD")
+        return status, outcomes
+
+    async def _call(
+        self, job: _Job, backend: BackendState, body: bytes | AsyncIterator[bytes] | None
+    ) -> Outcome:
+        bid = backend.id
+        try:
+            async with await self._open(job, backend, body) as resp:
+                status = resp.status
+                payload = await resp.read()
+        except _BROKEN as exc:
+            return _broken(bid, exc)
+        if not 200 <= status < 300:
+            return Outcome(bid, status, _error_text(payload, status))
+        if job.refresh:
+            await self.health.probe(backend)
+        return Outcome(bid, status)
+
+    async def _open(
+        self, job: _Job, backend: BackendState, body: bytes | AsyncIterator[bytes] | None
+    ) -> aiohttp.ClientResponse:
+        url = backend.url + job.path
+        if body is None or isinstance(body, bytes):
+            return await self.upstream.open(job.method, url, job.headers, body)
+        # A streamed upload (Upstream.open takes bytes): the same connect and read limits.
+        t = self.upstream.timeouts
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=t.connect_s, sock_read=t.first_token_s
+        )
+        return await self.upstream.session.request(
+            job.method, url, headers=job.headers, data=body, timeout=timeout, allow_redirects=False
+        )
+
+
+class _Feed:
+    """One backend's copy of an upload body: bounded (backpressure), dropped once it is done
+    or once it took no chunk for ``stall_s`` (its upload then ends short and fails)."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(8)
+        self.stall_s = stall_s
+        self.closed = False
+
+    async def put(self, chunk: bytes | None) -> None:
+        if self.closed:
+            return
+        try:
+            await asyncio.wait_for(self.queue.put(chunk), self.stall_s)
+        except TimeoutError:
+            self.close()
+
+    def close(self) -> None:
+        # Emptying the queue frees a producer waiting on it (later puts are dropped), and the
+        # None ends a reader still waiting for chunks.
+        self.closed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while (chunk := await self.queue.get()) is not None:
+            yield chunk
+
+
+async def _pump(receive: Receive, feeds: list[_Feed]) -> bool:
+    """Copy the request body into every feed; False when the client went away."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        chunk: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        for feed in feeds:
+            if chunk:
+                await feed.put(chunk)
+            if not more:
+                await feed.put(None)
+        if not more or all(feed.closed for feed in feeds):
+            return True
+
+
+async def _unless_gone(receive: Receive, work: Awaitable[_T]) -> _T | None:
+    """Run ``work``; cancel it and answer None if the client disconnects first."""
+    job = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((job, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await _cancel([watcher, job])
+    return None if job.cancelled() else job.result()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise _RefusedError(400, "missing request body", [])
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise _RefusedError(400, f"invalid JSON: {exc}", []) from None
+    if not isinstance(data, dict):
+        raise _RefusedError(400, "request body must be a JSON object", [])
+    if data.get("stream") not in (None, True, False):
+        raise _RefusedError(400, "stream must be true or false", [])
+    return data
+
+
+def _report(action: str, outcomes: list[Outcome]) -> tuple[int, dict[str, Any]]:
+    """The status and body that report the failed targets (see the module docstring)."""
+    failed = [o for o in outcomes if not o.ok]
+    statuses = {o.status for o in failed}
+    messages = {o.error for o in failed}
+    if len(failed) == len(outcomes) and len(messages) == 1:
+        message = str(failed[0].error)
+    else:
+        each = "; ".join(f"{o.backend_id}: {o.error}" for o in failed)
+        message = f"{action} failed on {len(failed)} of {len(outcomes)} backends: {each}"
+    body = {
+        "error": message,
+        "failed": [o.backend_id for o in failed],
+        "backends": _by_backend(outcomes),
+    }
+    return (statuses.pop() if len(statuses) == 1 else 502), body
+
+
+def _by_backend(outcomes: list[Outcome]) -> dict[str, dict[str, str]]:
+    return {
+        o.backend_id: {"status": "success"} if o.ok else {"error": str(o.error)} for o in outcomes
+    }
+
+
+def _finish_line(outcome: Outcome) -> dict[str, Any]:
+    if outcome.ok:
+        return {"backend": outcome.backend_id, "status": "success"}
+    return {"backend": outcome.backend_id, "error": outcome.error}
+
+
+def _in_order(outcomes: list[Outcome], targets: list[BackendState]) -> list[Outcome]:
+    rank = {b.id: i for i, b in enumerate(targets)}
+    return sorted(outcomes, key=lambda o: rank[o.backend_id])
+
+
+def _broken(backend_id: str, exc: BaseException) -> Outcome:
+    if isinstance(exc, TimeoutError):
+        return Outcome(backend_id, 504, "the backend did not answer in time")
+    if isinstance(exc, ValueError) and not isinstance(exc, aiohttp.ClientError):
+        return Outcome(backend_id, 502, f"the backend sent an invalid progress line: {exc}")
+    return Outcome(backend_id, 502, f"backend unreachable: {str(exc) or type(exc).__name__}")
+
+
+def _error_text(payload: bytes, status: int) -> str:
+    try:
+        error = json.loads(payload).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    text = str(error) if error else payload.decode(errors="replace").strip()[:300]
+    return text or f"the backend answered {status}"
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    value: bytes | None = dict(scope["headers"]).get(name)
+    return None if value is None else value.decode("latin-1")
+
+
+async def _reply(
+    send: Send,
+    status: int,
+    payload: dict[str, Any] | None,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    head: bool = False,
+) -> None:
+    body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    if payload is not None:
+        headers.append(_JSON)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+__all__ = ["FanOut", "Outcome", "admin_denial"]

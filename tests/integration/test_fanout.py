@@ -1,0 +1,296 @@
+"""Fleet-wide model management: pull, push, create, copy, delete and blobs fan out to backends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+
+from corral.app import create_app
+from tests.conftest import make_settings
+from tests.integration.test_failover import poll
+
+pytestmark = pytest.mark.integration
+
+KEY = "s3cret-admin"
+
+
+@pytest.fixture
+def fleet(sim_factory: Any, corral_factory: Any) -> Any:
+    a, b = sim_factory(name="a"), sim_factory(name="b")
+    corral = corral_factory([{"id": "a", "url": a.url}, {"id": "b", "url": b.url}])
+    return corral, a, b
+
+
+@pytest.fixture
+def oc(fleet: Any) -> Iterator[ollama.Client]:
+    client = ollama.Client(host=fleet[0].url)
+    yield client
+    client._client.close()
+
+
+def names(sim: Any) -> set[str]:
+    """The models a simulator lists in /api/tags."""
+    with httpx.Client() as client:
+        return {m["name"] for m in client.get(sim.url + "/api/tags").json()["models"]}
+
+
+def lines(resp: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in resp.iter_lines() if line]
+
+
+def test_ollama_client_pull_lands_on_every_backend(fleet: Any, oc: ollama.Client) -> None:
+    """ollama.Client.pull puts the model on every backend; corral lists and routes it at once."""
+    corral, a, b = fleet
+    assert oc.pull("gemma3:1b").status == "success"
+    assert "gemma3:1b" in names(a)
+    assert "gemma3:1b" in names(b)
+    assert "gemma3:1b" in {m.model for m in oc.list().models}
+    with corral.client() as client:
+        r = client.post(
+            "/api/generate", json={"model": "gemma3:1b", "prompt": "hi", "stream": False}
+        )
+        assert r.status_code == 200
+        assert r.headers["x-corral-backend"] in {"a", "b"}
+
+
+def test_streamed_pull_merges_every_backends_progress(
+    sim_factory: Any, corral_factory: Any
+) -> None:
+    """stream: each backend's lines tagged with "backend", interleaved; then success lines."""
+    a, b = sim_factory(name="a", pull_delay_s=0.02), sim_factory(name="b", pull_delay_s=0.02)
+    corral = corral_factory([{"id": "a", "url": a.url}, {"id": "b", "url": b.url}])
+    with (
+        corral.client() as client,
+        client.stream("POST", "/api/pull", json={"model": "mistral"}) as r,
+    ):
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "application/x-ndjson"
+        assert r.headers["x-corral-backend"] == "a,b"
+        got = lines(r)
+    assert got[-1] == {"status": "success"}
+    assert {"backend": "a", "status": "success"} in got
+    assert {"backend": "b", "status": "success"} in got
+    progress = got[:-3]
+    assert all(line["backend"] in {"a", "b"} for line in progress)
+    assert {"backend": "a", "status": "pulling manifest"} in progress
+    assert any(line.get("digest") and line["backend"] == "b" for line in progress)
+    order = [line["backend"] for line in progress]
+    assert order.index("b") < len(order) - 1 - order[::-1].index("a"), "not interleaved"
+    oc = ollama.Client(host=corral.url)
+    try:
+        parts = list(oc.pull("mistral", stream=True))
+    finally:
+        oc._client.close()
+    assert parts[-1].status == "success"
+
+
+def test_one_backend_failing_does_not_stop_the_others(fleet: Any, oc: ollama.Client) -> None:
+    """b cannot pull: a still gets the model, b is named in the final line, the client raises."""
+    corral, a, b = fleet
+    b.app.sim.registry.pop("gemma3:1b")
+    with (
+        corral.client() as client,
+        client.stream("POST", "/api/pull", json={"model": "gemma3:1b"}) as r,
+    ):
+        assert r.status_code == 200
+        got = lines(r)
+    assert {"backend": "a", "status": "success"} in got
+    assert {"backend": "b", "error": "pull model manifest: file does not exist"} in got
+    assert got[-1]["failed"] == ["b"]
+    assert "b: pull model manifest: file does not exist" in got[-1]["error"]
+    assert "gemma3:1b" in names(a)
+    assert "gemma3:1b" not in names(b)
+    with pytest.raises(ollama.ResponseError) as info:
+        oc.pull("gemma3:1b")
+    assert info.value.status_code == 500  # Ollama's own status for a failed pull
+    assert "b: pull model manifest" in info.value.error
+    with corral.client() as client:
+        r = client.post("/api/pull", json={"model": "gemma3:1b", "stream": False})
+    assert r.status_code == 500
+    assert r.json()["failed"] == ["b"]
+    assert r.json()["backends"]["a"] == {"status": "success"}
+    with pytest.raises(ollama.ResponseError):
+        list(oc.pull("gemma3:1b", stream=True))
+
+
+def test_backend_query_limits_the_fan_out(fleet: Any) -> None:
+    """?backend=ID sends to that backend only; an unknown id is 404 in Ollama's shape."""
+    corral, a, b = fleet
+    with corral.client() as client:
+        r = client.post("/api/pull?backend=b", json={"model": "tinyllama", "stream": False})
+        assert r.status_code == 200
+        assert r.json() == {"status": "success", "backends": {"b": {"status": "success"}}}
+        assert "tinyllama:latest" in names(b)
+        assert "tinyllama:latest" not in names(a)
+        r = client.post("/api/pull?backend=x", json={"model": "tinyllama"})
+        assert (r.status_code, r.json()) == (404, {"error": "unknown backend 'x'"})
+
+
+def test_copy_and_delete_fan_out(fleet: Any, oc: ollama.Client) -> None:
+    """copy and delete reach every backend; a model missing everywhere is Ollama's 404."""
+    corral, a, b = fleet
+    assert oc.copy("llama3.2", "mine").status == "success"
+    assert "mine:latest" in names(a) & names(b)
+    with corral.client() as client:
+        r = client.post("/api/generate", json={"model": "mine", "prompt": "x", "stream": False})
+        assert r.status_code == 200
+        r = client.request("DELETE", "/api/delete", json={"model": "mine"})
+        assert (r.status_code, r.content) == (200, b"")
+        assert "mine:latest" not in names(a) | names(b)
+        r = client.post("/api/generate", json={"model": "mine", "prompt": "x", "stream": False})
+        assert r.status_code == 404
+        r = client.request("DELETE", "/api/delete", json={"model": "mine"})
+        assert r.status_code == 404
+        assert r.json()["error"] == "model 'mine' not found"
+        assert r.json()["failed"] == ["a", "b"]
+        # On one backend only: the other is still deleted, the miss is reported.
+        client.post("/api/copy?backend=a", json={"source": "llama3.2", "destination": "solo"})
+        client.post("/api/copy", json={"source": "llama3.2", "destination": "both"})
+        r = client.request("DELETE", "/api/delete", json={"model": "solo"})
+        assert r.status_code == 404
+        assert r.json()["failed"] == ["b"]
+        assert "solo:latest" not in names(a)
+    with pytest.raises(ollama.ResponseError) as info:
+        oc.copy("nope", "other")
+    assert info.value.status_code == 404
+    assert oc.delete("both").status == "success"
+
+
+def test_blobs_and_create_fan_out(sim_factory: Any, corral_factory: Any, tmp_path: Path) -> None:
+    """A blob bigger than max_body_mb streams to every backend; create from it works on all."""
+    a, b = sim_factory(name="a"), sim_factory(name="b")
+    corral = corral_factory(
+        [{"id": "a", "url": a.url}, {"id": "b", "url": b.url}], server={"max_body_mb": 0.5}
+    )
+    data = bytes(range(256)) * 12_000  # ~3 MB
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with corral.client() as client:
+        assert client.head(f"/api/blobs/{digest}").status_code == 404
+        r = client.post(f"/api/blobs/{digest}", content=iter([data[:1000], data[1000:]]))
+        assert r.status_code == 201
+        assert client.head(f"/api/blobs/{digest}").status_code == 200
+        r = client.post(f"/api/blobs/{digest[:-4]}beef", content=data)
+        assert r.status_code == 400
+        assert r.json()["error"].startswith("digest mismatch")
+        r = client.post("/api/blobs/sha256:123", content=data)
+        assert (r.status_code, r.json()) == (400, {"error": "invalid digest format"})
+    path = tmp_path / "model.gguf"
+    path.write_bytes(data)
+    oc = ollama.Client(host=corral.url)
+    try:
+        assert oc.create_blob(path) == digest  # already there: 200
+        done = oc.create(model="local", files={"model.gguf": digest})
+        assert done.status == "success"
+        assert oc.push("local").status == "success"
+    finally:
+        oc._client.close()
+    assert "local:latest" in names(a) & names(b)
+
+
+def test_admin_key_guards_management(
+    sim_factory: Any, corral_factory: Any, monkeypatch: Any
+) -> None:
+    """With an admin key set: no or wrong key is 401; X-API-Key or Bearer work."""
+    monkeypatch.setenv("CORRAL_ADMIN_KEY", KEY)
+    sim = sim_factory(name="a")
+    corral = corral_factory([{"id": "a", "url": sim.url}])
+    with corral.client() as client:
+        r = client.post("/api/pull", json={"model": "tinyllama", "stream": False})
+        assert (r.status_code, r.json()) == (401, {"error": "unauthorized"})
+        r = client.request(
+            "DELETE", "/api/delete", json={"model": "llama3.2"}, headers={"X-API-Key": "no"}
+        )
+        assert r.status_code == 401
+        assert "llama3.2:latest" in names(sim)
+        r = client.post(
+            "/api/copy", json={"source": "llama3.2", "destination": "c"}, headers={"X-API-Key": KEY}
+        )
+        assert r.status_code == 200
+    plain = ollama.Client(host=corral.url)
+    admin = ollama.Client(host=corral.url, headers={"Authorization": f"Bearer {KEY}"})
+    try:
+        with pytest.raises(ollama.ResponseError) as info:
+            plain.pull("tinyllama")
+        assert info.value.status_code == 401
+        assert plain.generate(model="llama3.2", prompt="hi").done  # inference needs no key
+        assert admin.pull("tinyllama").status == "success"
+    finally:
+        plain._client.close()
+        admin._client.close()
+
+
+def test_clients_mode_needs_no_key(sim_factory: Any, corral_factory: Any, monkeypatch: Any) -> None:
+    """auth.model_management = "clients": any client may pull, admin key or not."""
+    monkeypatch.setenv("CORRAL_ADMIN_KEY", KEY)
+    sim = sim_factory(name="a")
+    corral = corral_factory([{"id": "a", "url": sim.url}], auth={"model_management": "clients"})
+    oc = ollama.Client(host=corral.url)
+    try:
+        assert oc.pull("tinyllama").status == "success"
+    finally:
+        oc._client.close()
+
+
+async def test_remote_caller_without_admin_key_is_403() -> None:
+    """With no admin key configured, only loopback callers may manage models."""
+    app = create_app(make_settings([{"id": "a", "url": "http://127.0.0.1:9"}]))
+    for host, status in (("203.0.113.7", 403), ("127.0.0.1", 503)):
+        transport = httpx.ASGITransport(app=app, client=(host, 4000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://corral") as client:
+            r = await client.post("/api/pull", json={"model": "tinyllama"})
+        assert r.status_code == status
+        assert set(r.json()) == {"error"}
+
+
+def test_bad_requests_keep_ollamas_shapes(fleet: Any) -> None:
+    """Bad bodies are 400 {"error"} before anything reaches a backend; wrong method is 405."""
+    corral, a, _ = fleet
+    with corral.client() as client:
+        for body in (b"", b"{nope", b"[1]", b'{"model": "x", "stream": "yes"}'):
+            r = client.post("/api/pull", content=body)
+            assert r.status_code == 400
+            assert set(r.json()) == {"error"}
+        assert a.stats()["by_route"].get("/api/pull") is None
+        r = client.get("/api/pull")
+        assert (r.status_code, r.text) == (405, "405 method not allowed")
+        # Every backend refuses the name before streaming: a real status, as Ollama gives.
+        r = client.post("/api/pull", json={"model": "bad name!"})
+        assert r.status_code == 400
+        assert r.json()["error"] == "invalid model name"
+        assert r.json()["failed"] == ["a", "b"]
+
+
+def test_no_healthy_backend_is_503(corral_factory: Any) -> None:
+    """Nothing healthy to manage: 503 with Retry-After in Ollama's shape."""
+    from tests.conftest import free_port
+
+    corral = corral_factory([{"id": "dead", "url": f"http://127.0.0.1:{free_port()}"}])
+    with corral.client() as client:
+        r = client.post("/api/pull", json={"model": "tinyllama"})
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert r.json() == {"error": "no healthy backend available"}
+        r = client.post("/api/pull?backend=dead", json={"model": "tinyllama"})
+        assert (r.status_code, r.json()) == (503, {"error": "backend 'dead' is down"})
+        assert r.headers["retry-after"] == "1"
+
+
+def test_client_disconnect_cancels_every_pull(sim_factory: Any, corral_factory: Any) -> None:
+    """A client gone mid-pull cancels the pull on every backend; nothing is half-installed."""
+    a, b = sim_factory(name="a", pull_delay_s=0.2), sim_factory(name="b", pull_delay_s=0.2)
+    corral = corral_factory([{"id": "a", "url": a.url}, {"id": "b", "url": b.url}])
+    with (
+        corral.client() as client,
+        client.stream("POST", "/api/pull", json={"model": "mistral"}) as r,
+    ):
+        first = json.loads(next(r.iter_lines()))
+        assert first["backend"] in {"a", "b"}
+    assert poll(lambda: a.stats()["cancelled"] == 1 and b.stats()["cancelled"] == 1, 5)
+    assert "mistral:latest" not in names(a) | names(b)
