@@ -85,6 +85,8 @@ def models_view(registry: BackendRegistry) -> list[dict[str, Any]]:
     for b in registry.all():
         for name in b.model_names:
             names.setdefault(normalize_model(name), name)
+        for key in b.models:
+            names.setdefault(key, key)
         for key, ps_entry in b.resident.items():
             names.setdefault(key, ps_entry.get("name") or key)
     models = []

@@ -34,6 +34,7 @@ from corral.proxy import (
     Send,
     UpstreamStatusError,
 )
+from corral.sessions import session_key
 from corral.upstream import Upstream
 
 log = structlog.get_logger("corral.access")
@@ -220,8 +221,19 @@ class OllamaFront:
             else:
                 await self._fail(send, 404, "model '' not found", openai, request_id)
             return
+        session = session_key(_header(scope, b"x-session-id"), spec.name, data)
         await self._dispatch(
-            scope, receive, send, spec, body, model, request_id, started, "POST", scope["path"]
+            scope,
+            receive,
+            send,
+            spec,
+            body,
+            model,
+            request_id,
+            started,
+            "POST",
+            scope["path"],
+            session,
         )
 
     async def _dispatch(
@@ -236,6 +248,7 @@ class OllamaFront:
         started: float,
         method: str,
         path: str,
+        session: str | None = None,
     ) -> None:
         openai = spec.openai
         try:
@@ -279,6 +292,7 @@ class OllamaFront:
                 request_id=request_id,
                 extra_headers=[],
                 rank=rank,
+                session=session,
             )
         except RoutingError as exc:
             status = exc.status

@@ -164,9 +164,13 @@ class Router:
             kept = [b for b in tier if not self._spills(b, free)]
             if kept:
                 return kept
-        if tiers[0] or tiers[1]:
-            return free  # on a GPU, but too busy there: a second copy is worth it
-        return self._roomiest(free, model_key)
+        holders = [b for tier in tiers for b in tier]
+        if not holders:
+            return self._roomiest(free, model_key)
+        # On a GPU but too busy there: a second copy elsewhere is worth its load, unless it
+        # would evict another model; then the holders keep it while they have a free slot.
+        others = [b for b in free if b not in holders and b.has_room(model_key)]
+        return self._roomiest(others, model_key) if others else holders
 
     def _roomiest(self, free: list[BackendState], model_key: str) -> list[BackendState]:
         """A model loaded nowhere: the GPU with the most free memory for it (bounded load)."""

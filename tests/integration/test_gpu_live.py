@@ -52,7 +52,12 @@ def warm(client: httpx.Client, model: str, *sims: Any) -> None:
         with httpx.Client(base_url=sim.url, timeout=10) as direct:
             direct.post("/api/generate", json={"model": model, "prompt": "", "stream": False})
     key = model if ":" in model else f"{model}:latest"
-    assert poll(lambda: all(key in e["resident"] for e in loads(client).values()), 5)
+    urls = {sim.url for sim in sims}
+
+    def seen() -> bool:
+        return all(key in e["resident"] for e in loads(client).values() if e["url"] in urls)
+
+    assert poll(seen, 5)
 
 
 def loads(client: httpx.Client) -> dict[str, Any]:
