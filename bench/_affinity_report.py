@@ -21,7 +21,7 @@ CHALLENGER = "affinity_on"
 
 # Configuration name -> (strategy, model_affinity, label); in the order they run and print.
 CONFIGS: dict[str, tuple[str, bool, str]] = {
-    "round_robin": ("round_robin", False, "round robin"),
+    "round_robin": ("round_robin", False, "round robin, GPU-blind"),
     "affinity_off": ("least_connections", False, "affinity off"),
     "affinity_on": ("least_connections", True, "affinity on"),
 }

@@ -7,12 +7,15 @@ a skewed mix (50/30/20), half of them streamed, 16-48 tokens each (bench/_affini
 the same seeded sequence per client in every configuration). Each configuration gets a fresh
 corral over fresh simulators, so every one starts with nothing loaded:
 
-- ``round_robin``, ``model_affinity = false``: the baseline;
+- ``round_robin``, ``model_affinity = false``, no GPU readings: the baseline, a plain rotation
+  as any load balancer that knows nothing of models or GPUs does it;
 - ``least_connections``, ``model_affinity = false``: "affinity off";
 - ``least_connections``, ``model_affinity = true``: "affinity on", corral's default.
 
-corral reads the simulated GPUs' memory from their dcgm-exporter page (``gpu_metrics_url``)
-in every configuration, as it would read real GPUs. Cold loads are counted from the
+In the last two corral reads the simulated GPUs' memory from their dcgm-exporter page
+(``gpu_metrics_url``), as it would read real GPUs; with that, even without affinity a cold model
+goes to a GPU with room for it rather than one that would evict. The baseline gets no GPU
+readings, so it cannot do that. Cold loads are counted from the
 simulators: their ``/api/ps`` is sampled every ``--ps-interval-ms``, and a model that appears
 between two samples began loading (the simulators keep no load counter of their own).
 
@@ -89,9 +92,9 @@ BACKEND_TOML = """
 [[backends]]
 id = "{id}"
 url = "{url}"
-gpu_metrics_url = "{url}/_sim/dcgm"
 max_concurrent = {slots}
 """
+GPU_TOML = 'gpu_metrics_url = "{url}/_sim/dcgm"\n'
 
 
 # --- the clients and the watcher -------------------------------------------------------------
@@ -232,7 +235,7 @@ class AffinityBench(Bench):
             wait_until(lambda u=url: http("GET", u + "/api/version") == 200, proc, name)
             self.sims[name] = url
 
-    def start_corral(self, strategy: str, affinity: bool) -> tuple[Any, str]:
+    def start_corral(self, strategy: str, affinity: bool, gpus: bool) -> tuple[Any, str]:
         a = self.args
         port = free_port()
         name = f"corral-{strategy}-{'on' if affinity else 'off'}"
@@ -245,13 +248,16 @@ class AffinityBench(Bench):
         )
         for gpu, url in self.sims.items():
             text += BACKEND_TOML.format(id=gpu, url=url, slots=a.slots)
+            if gpus:
+                text += GPU_TOML.format(url=url)
         conf.write_text(text)
         # No CORRAL_* from the caller's environment: the config file is the whole truth.
         env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
         proc = self.spawn(name, [PY, "-m", "corral", "serve", "--config", str(conf)], env)
         url = f"http://127.0.0.1:{port}"
         # Ready: every backend healthy (models listed) and every GPU's memory read.
-        wait_until(lambda: _ready(url, len(self.sims)), proc, f"{name} backends and GPUs")
+        wanted = len(self.sims) if gpus else 0
+        wait_until(lambda: _ready(url, len(self.sims), wanted), proc, f"{name} backends and GPUs")
         return proc, url
 
     def stop_all(self) -> None:
@@ -259,7 +265,7 @@ class AffinityBench(Bench):
         self.procs.clear()
 
 
-def _ready(url: str, backends: int) -> bool:
+def _ready(url: str, backends: int, gpus: int) -> bool:
     try:
         with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
             if json.load(resp).get("healthy", 0) < backends:
@@ -268,7 +274,7 @@ def _ready(url: str, backends: int) -> bool:
             text = resp.read().decode()
     except (OSError, ValueError):
         return False
-    return text.count("\ncorral_gpu_memory_total_bytes{") >= backends
+    return text.count("\ncorral_gpu_memory_total_bytes{") >= gpus
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -327,7 +333,8 @@ def run_config(args: argparse.Namespace, bench: AffinityBench, name: str) -> dic
     strategy, affinity, _ = CONFIGS[name]
     try:
         bench.start_sims()
-        proc, url = bench.start_corral(strategy, affinity)
+        # The baseline is GPU-blind, like a load balancer that knows nothing of GPUs.
+        proc, url = bench.start_corral(strategy, affinity, gpus=name != "round_robin")
         outcomes, changes, wall = _loop_run(_drive(args, url, bench.sims))
         if not proc.alive():
             raise RuntimeError(f"{proc.name} died:\n{proc.tail()}")

@@ -182,7 +182,7 @@ def test_verdicts_edge_cases() -> None:
 def test_markdown_table_and_verdicts() -> None:
     results = _results(round_robin=(40, 6000.0), affinity_on=(4, 3000.0))
     md = report.markdown(results, report.verdicts(results), ["a note"])
-    assert "| round robin | round_robin | off | 100 | 0 |" in md
+    assert "| round robin, GPU-blind | round_robin | off | 100 | 0 |" in md
     assert "| affinity on | least_connections | on |" in md
     assert "| 10.0× | 2.00× |" in md
     assert "- cold loads, round robin ÷ affinity on: 10.0× (goal ≥ 5×): PASS" in md
