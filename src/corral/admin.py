@@ -10,9 +10,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from corral import inventory
 from corral.backends import BackendState
 from corral.config import BackendSettings
 from corral.errors import DuplicateBackendError, UnknownBackendError, UnknownStrategyError
+from corral.placement import NotInstalledError
 from corral.runtime import Runtime
 
 
@@ -77,6 +79,12 @@ class BackendPatch(BaseModel):
 class HeartbeatBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ttl_s: float | None = Field(None, gt=0)
+
+
+class PlacementBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["preload", "unload", "gpu", "cpu"]
+    backend: str | None = Field(None, min_length=1, max_length=64)
 
 
 def load_entry(runtime: Runtime, b: BackendState) -> dict[str, Any]:
@@ -245,6 +253,23 @@ async def heartbeat(
 async def gpus(runtime: RuntimeDep) -> dict[str, Any]:
     """Every GPU corral reads (NVML here, DCGM exporters, /api/ps) and the backends on each."""
     return runtime.gpus.status()
+
+
+@router.get("/models")
+async def models(runtime: RuntimeDep) -> dict[str, Any]:
+    """Every model a backend has installed or loaded, and where it runs on each."""
+    return {"models": inventory.models_view(runtime.registry)}
+
+
+@router.post("/models/{name:path}/placement")
+async def place_model(name: str, body: PlacementBody, runtime: RuntimeDep) -> dict[str, Any]:
+    """Load, unload, or move ``name`` to GPU or CPU on one backend (or every one that has it);
+    answers each backend's outcome and where the model runs there now."""
+    try:
+        results = await runtime.placement.act(body.action, name, body.backend)
+    except (UnknownBackendError, NotInstalledError) as exc:
+        raise HTTPException(404, str(exc)) from None
+    return {"model": name, "action": body.action, "results": results}
 
 
 @router.get("/stats")

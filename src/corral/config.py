@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -96,6 +98,61 @@ class GpuSettings(_Section):
     max_temp_c: float = Field(85, gt=0)
     # A GPU that reached max_temp_c is avoided until it is this much cooler.
     temp_hysteresis_c: float = Field(5, ge=0)
+
+
+# A Go duration as Ollama's keep_alive takes it ("30m", "1h30m", "-1m"); a bare number is seconds.
+_GO_DURATION = re.compile(r"[-+]?(0|(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))+)")
+
+
+class PlacementSettings(_Section):
+    """Priority models: preloaded, kept warm, and moved back to a GPU when found on CPU."""
+
+    enabled: bool = True
+    interval_s: float = Field(300, gt=0)
+    priority_models: list[str] = []
+    # Sent as Ollama's keep_alive with every load corral makes; negative: forever.
+    keep_alive: int | float | str = -1
+
+    @field_validator("priority_models")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        names = [name.strip() for name in value]
+        if any(not name for name in names):
+            raise ValueError("empty model name")
+        return names
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, value: Any) -> Any:
+        return validate_keep_alive(value)
+
+
+def validate_keep_alive(value: Any) -> int | float | str:
+    """Ollama's keep_alive: seconds (a number, or a numeric string as OLLAMA_KEEP_ALIVE takes)
+    or a Go duration string; 0 is refused (it would unload the model at once)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError('expected seconds (a number) or a duration such as "30m" or "-1m"')
+    seconds: float | None = None
+    if isinstance(value, str):
+        text = value.strip()
+        if _GO_DURATION.fullmatch(text):
+            if not any(c in "123456789" for c in text):
+                raise ValueError("keep_alive 0 would unload the model at once")
+            return text
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ValueError(
+                f"invalid duration {text!r}: expected seconds or a duration such as "
+                '"30m", "1h30m" or "-1m" (negative: forever)'
+            ) from None
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError("keep_alive must be a finite number of seconds (negative: forever)")
+    if seconds == 0:
+        raise ValueError("keep_alive 0 would unload the model at once")
+    return int(seconds) if seconds.is_integer() else seconds
 
 
 class AuthSettings(_Section):
@@ -210,6 +267,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     gpu: GpuSettings = GpuSettings()
     auth: AuthSettings = AuthSettings()
+    placement: PlacementSettings = PlacementSettings()
     backends: list[BackendSettings] = []
     # Secrets: environment (CORRAL_ADMIN_KEY, CORRAL_CLIENT_KEYS) or [auth] files only.
     admin_key: SecretStr | None = None

@@ -135,6 +135,14 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.placement_actions = Counter(
+            "corral_placement_actions",
+            "Model placement changes per backend by action: preload, keep_warm, unload, evict "
+            "(unloaded to make room for a priority model), gpu, cpu; error counts failed "
+            "actions and failed placement passes.",
+            ["action", "backend"],
+            registry=r,
+        )
         self._gpu_source: Callable[[], Sequence[tuple[tuple[str, ...], Any]]] | None = None
         r.register(_GpuCollector(self))
 

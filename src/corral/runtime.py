@@ -17,6 +17,7 @@ from corral.health import HealthChecker
 from corral.inventory import ResidencyCollector
 from corral.lifecycle import Lifecycle
 from corral.metrics import Metrics
+from corral.placement import PlacementManager, http_sender
 from corral.proxy import Forwarder
 from corral.routing import Router
 from corral.state import StateFile
@@ -54,6 +55,15 @@ class Runtime:
             )
         self.gpus = GpuPoller(
             self.registry, settings.gpu, self.metrics, sampler, fetch=self.upstream.get_bytes
+        )
+        self.placement = PlacementManager(
+            self.registry,
+            settings.placement,
+            self.metrics,
+            # A load waits like a cold request's first token does.
+            send=http_sender(self.upstream, settings.timeouts.first_token_s),
+            refresh=self.health.probe,
+            poll_gpus=self.gpus.poll,
         )
         self.admission = Admission(self.router, settings.queue, self.metrics)
         self.forwarder = Forwarder(
@@ -138,6 +148,8 @@ class Runtime:
         )
         self.lifecycle.start("health", self.health.run())
         self.lifecycle.start("gpus", self.gpus.run())
+        if self.settings.placement.enabled and self.placement.priority:
+            self.lifecycle.start("placement", self.placement.run())
         sd_notify("READY=1")
 
     async def wait_idle(self, backend: BackendState, timeout_s: float) -> bool:
