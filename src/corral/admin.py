@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import time
 from typing import Annotated, Any, Literal
 
@@ -11,6 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral import inventory
+from corral.auth import admin_denial
 from corral.backends import BackendState
 from corral.config import BackendSettings
 from corral.errors import DuplicateBackendError, UnknownBackendError, UnknownStrategyError
@@ -23,33 +22,18 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def require_admin(request: Request) -> None:
     """X-API-Key or Bearer must match the admin key; with no key set, loopback callers only."""
-    key: str | None = _runtime(request).admin_key
-    if key is None:
-        client = request.client.host if request.client else None
-        if not _is_loopback(client):
-            raise HTTPException(
-                403, "the admin API only answers loopback callers when no admin key is set"
-            )
-        return
-    given = request.headers.get("x-api-key")
-    if given is None:
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer":
-            given = token.strip()
-    if given is None or not hmac.compare_digest(given.encode(), key.encode()):
-        raise HTTPException(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    denied = admin_denial(
+        _runtime(request).admin_key,
+        request.headers.get("x-api-key"),
+        request.headers.get("authorization"),
+        request.client.host if request.client else None,
+    )
+    if denied is not None:
+        status, message = denied
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        raise HTTPException(status, message, headers=headers)
 
 
 router = APIRouter(prefix="/api/v1/loadbalancer", dependencies=[Depends(require_admin)])

@@ -29,8 +29,6 @@ a named backend may be draining, not down). Shapes:
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import json
 import re
 import time
@@ -42,6 +40,7 @@ from urllib.parse import parse_qs
 import aiohttp
 import structlog
 
+from corral.auth import admin_denial
 from corral.backends import BackendRegistry, BackendState
 from corral.errors import CorralError, UnknownBackendError
 from corral.health import HealthChecker
@@ -59,34 +58,6 @@ _NDJSON = (b"content-type", b"application/x-ndjson")
 _BROKEN = (TimeoutError, aiohttp.ClientError, OSError, ValueError)
 _T = TypeVar("_T")
 BodyReader = Callable[[], Awaitable[bytes | None]]
-
-
-def admin_denial(
-    key: str | None, api_key: str | None, authorization: str | None, client_host: str | None
-) -> tuple[int, str] | None:
-    """Why a caller may not use an admin-only route, as (status, message); None if it may.
-
-    ``X-API-Key`` or an ``Authorization: Bearer`` token must equal ``key`` (constant-time
-    comparison); with no key configured only loopback callers are let in.
-    """
-    if key is None:
-        if _loopback(client_host):
-            return None
-        return 403, "only loopback callers may do this while no admin key is set"
-    given = api_key
-    if given is None and authorization:
-        scheme, _, token = authorization.partition(" ")
-        given = token.strip() if scheme.lower() == "bearer" else None
-    if given is not None and hmac.compare_digest(given.encode(), key.encode()):
-        return None
-    return 401, "unauthorized"
-
-
-def _loopback(host: str | None) -> bool:
-    try:
-        return ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 @dataclass(slots=True)
@@ -566,4 +537,4 @@ async def _reply(
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
-__all__ = ["FanOut", "Outcome", "admin_denial"]
+__all__ = ["FanOut", "Outcome"]
