@@ -363,6 +363,11 @@ def load_config(
         os.environ.update(env)
     try:
         settings = Settings(**data)
+        if overrides:
+            # Command-line flags beat the environment, which beats the file.
+            # (The environment was read once already: no prefix matches on this second pass.)
+            merged = _merged(settings.model_dump(), overrides)
+            settings = Settings(_env_prefix="CORRAL_FLAGS_ONLY_", **merged)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     finally:
@@ -371,6 +376,16 @@ def load_config(
             os.environ.update(saved_env)
     _check_files(settings)
     return settings
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
 
 
 def _check_files(settings: Settings) -> None:

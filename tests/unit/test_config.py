@@ -101,3 +101,15 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).parents[2] / "config.example.toml"
     s = load_config(example, env={})
     assert len(s.backends) >= 2
+
+
+def test_flags_beat_the_environment_which_beats_the_file(tmp_path: Path) -> None:
+    """`corral serve --port 9000` wins over CORRAL_SERVER__PORT, which wins over the TOML."""
+    file = tmp_path / "corral.toml"
+    file.write_text('[server]\nport = 7000\nhost = "127.0.0.1"\n')
+    env = {"CORRAL_SERVER__PORT": "8080", "CORRAL_SERVER__HOST": "0.0.0.0", "CORRAL_ADMIN_KEY": "k"}
+    assert load_config(file, env={}).server.port == 7000
+    assert load_config(file, env=env).server.port == 8080
+    flagged = load_config(file, overrides={"server": {"port": 9000}}, env=env)
+    assert (flagged.server.port, flagged.server.host) == (9000, "0.0.0.0")
+    assert flagged.resolved_admin_key() == "k"
