@@ -64,6 +64,7 @@ class CorralApp:
                 admin_key=runtime.admin_key,
                 open_to_clients=runtime.settings.auth.model_management == "clients",
             ),
+            clients=runtime.clients,
             max_body_bytes=int(runtime.settings.server.max_body_mb * 1_000_000),
             aggregate_timeout_s=runtime.settings.health.timeout_s + 3,
         )

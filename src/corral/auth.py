@@ -1,9 +1,18 @@
-"""Who may use admin-only routes: the admin key, compared in constant time, or loopback."""
+"""Who may do what: the admin key (admin API, model management) and client keys (inference).
+
+Keys are compared in constant time (the admin key with ``hmac.compare_digest``; client keys by
+their SHA-256, looked up in a dict) and never logged: logs carry a client key's name only.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 
 def is_loopback(host: str | None) -> bool:
@@ -32,3 +41,122 @@ def admin_denial(
     if given is not None and hmac.compare_digest(given.encode(), key.encode()):
         return None
     return 401, "unauthorized"
+
+
+# Client keys ------------------------------------------------------------------------------
+
+PRIORITY_RANKS = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """Who a client key belongs to, and what it may do. The key itself is kept only hashed."""
+
+    name: str
+    priority: int | None = None  # default X-Priority rank for its requests
+    rate_per_s: float | None = None  # at most this many requests a second (None: no limit)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def parse_client_keys(text: str) -> dict[bytes, ClientKey]:
+    """Entries separated by newlines or commas: ``KEY [name=N] [priority=P] [rate=R]``.
+
+    ``#`` starts a comment. Raises ValueError naming the entry (by number, never the key).
+    """
+    keys: dict[bytes, ClientKey] = {}
+    entries = [e.split("#", 1)[0].strip() for line in text.splitlines() for e in line.split(",")]
+    for number, entry in enumerate((e for e in entries if e), start=1):
+        key, *options = entry.split()
+        fields: dict[str, str] = {}
+        for option in options:
+            name, sep, value = option.partition("=")
+            if not sep or name not in ("name", "priority", "rate") or not value:
+                raise ValueError(
+                    f"client key {number}: bad option {option!r} "
+                    "(expected name=..., priority=low|normal|high|urgent, rate=<per second>)"
+                )
+            fields[name] = value
+        if len(key) < 8:
+            raise ValueError(f"client key {number}: too short (at least 8 characters)")
+        priority = fields.get("priority")
+        if priority is not None and priority not in PRIORITY_RANKS:
+            raise ValueError(f"client key {number}: priority must be low, normal, high or urgent")
+        rate = None
+        if "rate" in fields:
+            try:
+                rate = float(fields["rate"].removesuffix("/s"))
+            except ValueError:
+                rate = -1.0
+            if not rate > 0 or rate == float("inf"):
+                raise ValueError(f"client key {number}: rate must be a positive number per second")
+        digest = _digest(key)
+        if digest in keys:
+            raise ValueError(f"client key {number}: listed twice")
+        keys[digest] = ClientKey(
+            name=fields.get("name", f"key{number}"),
+            priority=PRIORITY_RANKS[priority] if priority is not None else None,
+            rate_per_s=rate,
+        )
+    return keys
+
+
+def presented_key(api_key: str | None, authorization: str | None) -> str | None:
+    """The key a request carries: ``X-API-Key``, else an ``Authorization: Bearer`` token."""
+    if api_key:
+        return api_key.strip()
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+class ClientAuth:
+    """Client keys and their rate limits. Lookup hashes the presented key, so its time does
+    not depend on how much of a real key it matches."""
+
+    def __init__(
+        self,
+        keys: dict[bytes, ClientKey],
+        admin_key: str | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._keys = keys
+        self._admin = _digest(admin_key) if admin_key else None
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def identify(self, presented: str | None) -> ClientKey | None:
+        """The client a key belongs to (the admin key is a client with no limits), or None."""
+        if presented is None:
+            return None
+        digest = _digest(presented)
+        if self._admin is not None and hmac.compare_digest(digest, self._admin):
+            return ADMIN_CLIENT
+        return self._keys.get(digest)
+
+    def retry_after(self, client: ClientKey) -> int | None:
+        """None when ``client`` may send a request now (it is counted); else seconds to wait."""
+        rate = client.rate_per_s
+        if rate is None:
+            return None
+        now = self._clock()
+        burst = max(rate, 1.0)
+        tokens, at = self._buckets.get(client.name, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
+        if tokens >= 1.0:
+            self._buckets[client.name] = (tokens - 1.0, now)
+            return None
+        self._buckets[client.name] = (tokens, now)
+        return max(1, math.ceil((1.0 - tokens) / rate))
+
+
+ADMIN_CLIENT = ClientKey(name="admin")

@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from corral.auth import ClientKey, parse_client_keys
 from corral.errors import ConfigError
 
 # Keys that hold secrets: accepted from the environment or a file, never from the TOML.
@@ -294,6 +295,14 @@ class Settings(BaseSettings):
         # The environment overrides the file (passed as init kwargs).
         return (env_settings, init_settings)
 
+    def resolved_client_keys(self) -> dict[bytes, ClientKey]:
+        """Client keys from CORRAL_CLIENT_KEYS, else ``auth.client_keys_file``; ValueError."""
+        if self.client_keys is not None and self.client_keys.get_secret_value().strip():
+            return parse_client_keys(self.client_keys.get_secret_value())
+        if self.auth.client_keys_file is not None:
+            return parse_client_keys(self.auth.client_keys_file.read_text())
+        return {}
+
     def resolved_admin_key(self) -> str | None:
         """The admin key from the environment, else from ``auth.admin_key_file``."""
         if self.admin_key is not None and self.admin_key.get_secret_value():
@@ -390,6 +399,12 @@ def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _check_files(settings: Settings) -> None:
     problems = []
+    try:
+        settings.resolved_client_keys()
+    except ValueError as exc:
+        problems.append(f"client keys: {exc}")
+    except OSError:
+        pass  # a missing file is reported below
     for name in ("admin_key_file", "client_keys_file"):
         file: Path | None = getattr(settings.auth, name)
         if file is not None and not file.is_file():

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from corral.admission import parse_priority
+from corral.auth import ClientAuth, ClientKey, presented_key
 from corral.backends import BackendRegistry, normalize_model
 from corral.errors import ModelNotFoundError, NoBackendError, RoutingError
 from corral.fanout import FanOut
@@ -124,6 +125,7 @@ class OllamaFront:
         upstream: Upstream,
         metrics: Metrics,
         fanout: FanOut,
+        clients: ClientAuth,
         max_body_bytes: int,
         aggregate_timeout_s: float,
     ) -> None:
@@ -133,6 +135,7 @@ class OllamaFront:
         self.upstream = upstream
         self.metrics = metrics
         self.fanout = fanout
+        self.clients = clients
         self.max_body_bytes = max_body_bytes
         self.aggregate_timeout_s = aggregate_timeout_s
 
@@ -142,6 +145,8 @@ class OllamaFront:
             return
         path: str = scope["path"]
         method: str = scope["method"]
+        if self.clients.enabled and _protected(path) and not await self._admit(scope, send):
+            return
         spec = ROUTED.get(path)
         if spec is not None:
             if method != "POST":
@@ -203,7 +208,7 @@ class OllamaFront:
             return
         try:
             data = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             await self._fail(send, 400, f"invalid JSON: {exc}", openai, request_id)
             return
         if not isinstance(data, dict):
@@ -252,7 +257,12 @@ class OllamaFront:
     ) -> None:
         openai = spec.openai
         try:
-            rank = parse_priority(_header(scope, b"x-priority"))
+            priority = _header(scope, b"x-priority")
+            client: ClientKey | None = scope.get("corral.client")
+            if priority is None and client is not None and client.priority is not None:
+                rank = client.priority  # the key's default
+            else:
+                rank = parse_priority(priority)
         except ValueError as exc:
             await self._fail(send, 400, str(exc), openai, request_id)
             return
@@ -332,6 +342,8 @@ class OllamaFront:
                 watcher.cancel()
             duration = time.perf_counter() - started
             self._observe(spec, model, status, backend_id, duration, fields)
+            if client is not None:
+                fields["client"] = client.name  # the key's name; keys are never logged
             log.info(
                 "request",
                 request_id=request_id,
@@ -342,6 +354,27 @@ class OllamaFront:
                 duration_s=round(duration, 6),
                 **fields,
             )
+
+    async def _admit(self, scope: Scope, send: Send) -> bool:
+        """Client keys are on: the request must carry one (or the admin key), within its rate."""
+        openai = scope["path"].startswith("/v1/")
+        presented = presented_key(_header(scope, b"x-api-key"), _header(scope, b"authorization"))
+        client = self.clients.identify(presented)
+        if client is None:
+            self.metrics.child(self.metrics.rejections, "unauthorized").inc()
+            message = "missing API key" if presented is None else "invalid API key"
+            extra = [(b"www-authenticate", b"Bearer")]
+            await self._fail(send, 401, message, openai, _request_id(scope), extra)
+            return False
+        wait = self.clients.retry_after(client)
+        if wait is not None:
+            self.metrics.child(self.metrics.rejections, "rate_limited").inc()
+            extra = [(b"retry-after", str(wait).encode())]
+            message = f"rate limit of client key '{client.name}' exceeded"
+            await self._fail(send, 429, message, openai, _request_id(scope), extra)
+            return False
+        scope["corral.client"] = client
+        return True
 
     def _observe(
         self,
@@ -538,11 +571,22 @@ def version_key(version: str) -> tuple[int, ...]:
 def _forward_headers(scope: Scope, request_id: str) -> dict[str, str]:
     headers: dict[str, str] = {}
     for key, value in scope["headers"]:
-        if key in HOP_BY_HOP or key == b"authorization":
+        if key in HOP_BY_HOP or key in (b"authorization", b"x-api-key"):
             continue
         headers[key.decode("latin-1")] = value.decode("latin-1")
     headers["X-Request-ID"] = request_id
     return headers
+
+
+def _protected(path: str) -> bool:
+    """Routes that need a client key when client keys are on (``/`` and the version stay open
+    for liveness checks)."""
+    return (
+        path in ROUTED
+        or path in AGGREGATED
+        or path in MANAGEMENT
+        or path.startswith(("/v1/models/", "/api/blobs/"))
+    )
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -8,6 +8,7 @@ import time
 import structlog
 
 from corral.admission import Admission
+from corral.auth import ClientAuth
 from corral.backends import BackendRegistry, BackendState
 from corral.config import Settings
 from corral.errors import DuplicateBackendError
@@ -39,6 +40,7 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.admin_key = settings.resolved_admin_key()
+        self.clients = ClientAuth(settings.resolved_client_keys(), self.admin_key)
         self.metrics = Metrics()
         self.registry = BackendRegistry(BackendState.from_settings(b) for b in settings.backends)
         self.upstream = upstream or Upstream(settings.timeouts)
