@@ -16,6 +16,7 @@ from corral.gpu import GpuSampler
 from corral.ollama_routes import OllamaFront
 from corral.proxy import Receive, Scope, Send
 from corral.runtime import Runtime
+from corral.ui import ui_routes
 from corral.upstream import Upstream
 
 
@@ -31,6 +32,7 @@ def _build_fastapi(runtime: Runtime) -> FastAPI:
     api.state.runtime = runtime
     api.include_router(router)
     api.include_router(health_routes())
+    api.include_router(ui_routes())
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
