@@ -284,8 +284,8 @@ def _samples(runtime: Runtime, name: str) -> list[Any]:
     return found
 
 
-def health_routes() -> APIRouter:
-    """``/healthz``, ``/readyz`` and ``/metrics``: no admin key needed."""
+def health_routes(*, metrics: bool = True) -> APIRouter:
+    """``/healthz``, ``/readyz`` and (unless ``metrics`` is False) ``/metrics``: no key needed."""
     plain = APIRouter()
 
     @plain.get("/healthz")
@@ -304,8 +304,10 @@ def health_routes() -> APIRouter:
             }
         return {"status": "ready", "healthy": healthy}
 
-    @plain.get("/metrics")
-    async def metrics(runtime: RuntimeDep) -> Response:
-        return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
+    if metrics:
+
+        @plain.get("/metrics")
+        async def render_metrics(runtime: RuntimeDep) -> Response:
+            return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
 
     return plain

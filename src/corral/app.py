@@ -20,19 +20,25 @@ from corral.ui import ui_routes
 from corral.upstream import Upstream
 
 
-def _build_fastapi(runtime: Runtime) -> FastAPI:
+def _build_fastapi(runtime: Runtime, *, admin: bool = True) -> FastAPI:
+    """The FastAPI part: admin API, /metrics, /ui and docs, plus /healthz and /readyz.
+
+    ``admin=False`` builds what the main port keeps when ``server.admin_port`` moves the rest
+    to its own listener: /healthz and /readyz only.
+    """
     api = FastAPI(
         title="corral",
         version=__version__,
         description="Admin API of corral, an Ollama-compatible load balancer.",
-        docs_url="/docs",
+        docs_url="/docs" if admin else None,
         redoc_url=None,
-        openapi_url="/openapi.json",
+        openapi_url="/openapi.json" if admin else None,
     )
     api.state.runtime = runtime
-    api.include_router(router)
-    api.include_router(health_routes())
-    api.include_router(ui_routes())
+    api.include_router(health_routes(metrics=admin))
+    if admin:
+        api.include_router(router)
+        api.include_router(ui_routes())
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
@@ -52,7 +58,10 @@ class CorralApp:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.api = _build_fastapi(runtime)
+        separate = runtime.settings.server.admin_port is not None
+        self.api = _build_fastapi(runtime, admin=not separate)
+        # With server.admin_port: the app its own (loopback) listener serves.
+        self.admin_api = _build_fastapi(runtime) if separate else None
         self.front = OllamaFront(
             fallback=self.api,
             forwarder=runtime.forwarder,

@@ -40,6 +40,16 @@ class ServerSettings(_Section):
     log_format: Literal["auto", "json", "console"] = "auto"
     drain_timeout_s: float = Field(60, ge=0)
     state_file: Path | None = None
+    # Set: the admin API, /metrics, /ui and /docs move to their own listener (loopback by
+    # default), and the main port serves only the Ollama/OpenAI routes, /healthz and /readyz.
+    admin_port: int | None = Field(None, ge=1, le=65535)
+    admin_host: str = "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServerSettings:
+        if self.admin_port is not None and self.admin_port == self.port:
+            raise ValueError("admin_port must differ from port")
+        return self
 
 
 class BalancerSettings(_Section):

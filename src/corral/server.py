@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
+from collections.abc import Iterator
 from types import FrameType
 
 import structlog
@@ -25,10 +28,25 @@ class CorralServer(uvicorn.Server):
     A second signal exits at once.
     """
 
-    def __init__(self, config: uvicorn.Config, app: CorralApp) -> None:
+    def __init__(
+        self, config: uvicorn.Config, app: CorralApp, admin: uvicorn.Config | None = None
+    ) -> None:
         super().__init__(config)
         self.corral = app
         self._drain_task: asyncio.Task[None] | None = None
+        self.admin = _AdminServer(admin) if admin is not None else None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        """Serve the main port, and the admin listener beside it when there is one."""
+        if self.admin is None:
+            await super().serve(sockets)
+            return
+        admin = asyncio.create_task(self.admin.serve(), name="admin-listener")
+        try:
+            await super().serve(sockets)
+        finally:
+            self.admin.should_exit = True
+            await admin
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         runtime = self.corral.runtime
@@ -63,6 +81,14 @@ class CorralServer(uvicorn.Server):
         self.should_exit = True
 
 
+class _AdminServer(uvicorn.Server):
+    """The admin listener: shares the loop and leaves signals to the main server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def uvicorn_config(app: CorralApp, settings: Settings, **kwargs: object) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -85,7 +111,21 @@ def uvicorn_config(app: CorralApp, settings: Settings, **kwargs: object) -> uvic
 
 def build_server(settings: Settings) -> CorralServer:
     app = create_app(settings)
-    return CorralServer(uvicorn_config(app, settings), app)
+    admin = None
+    if app.admin_api is not None and settings.server.admin_port is not None:
+        admin = uvicorn.Config(
+            app.admin_api,
+            host=settings.server.admin_host,
+            port=settings.server.admin_port,
+            loop="none",
+            http="httptools",
+            lifespan="off",  # the main app's lifespan starts and stops the shared runtime
+            access_log=False,
+            log_config=None,
+            log_level=settings.server.log_level,
+            proxy_headers=False,
+        )
+    return CorralServer(uvicorn_config(app, settings), app, admin)
 
 
 def run_server(settings: Settings) -> None:

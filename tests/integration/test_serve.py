@@ -148,3 +148,36 @@ def _status(url: str, path: str) -> int | None:
 
 def _ready(url: str) -> bool:
     return _status(url, "/readyz") == 200
+
+
+def test_admin_port_moves_admin_metrics_and_ui_to_a_loopback_listener(
+    tmp_path: Path, sim_factory: Any
+) -> None:
+    """With server.admin_port the main port serves Ollama routes, /healthz and /readyz only;
+    the admin API, /metrics, /ui and /docs answer on the admin listener; SIGTERM stops both."""
+    sim = sim_factory(name="a")
+    admin_port = free_port()
+    proc, url = serve(
+        tmp_path,
+        f'admin_port = {admin_port}\n[health]\ninterval_s = 0.5\n[[backends]]\nid = "gpu0"\n'
+        f'url = "{sim.url}"\n',
+    )
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        assert poll(lambda: _ready(url), 15, 0.05)
+        with httpx.Client(timeout=10) as c:
+            gen = {"model": "llama3.2", "prompt": "x", "stream": False}
+            assert c.post(f"{url}/api/generate", json=gen).status_code == 200
+            assert c.get(f"{url}/healthz").status_code == 200
+            for path in ("/api/v1/loadbalancer/loads", "/metrics", "/ui", "/docs"):
+                assert c.get(f"{url}{path}").status_code == 404, path
+                assert c.get(f"{admin}{path}").status_code == 200, path
+            assert "gpu0" in c.get(f"{admin}/api/v1/loadbalancer/loads").json()["loads"]
+            assert 'corral_requests_total{backend="gpu0"' in c.get(f"{admin}/metrics").text
+            assert c.post(f"{admin}/api/generate", json=gen).status_code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{admin}/healthz")
