@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 from urllib.parse import quote
 
 import httpx
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from corral import __version__
 from corral.config import Settings, load_config
@@ -129,35 +133,115 @@ _register_init()
 
 
 # Client commands ---------------------------------------------------------------------------
+# They talk to a running corral's admin API. Every failure becomes one ``error: ...`` line on
+# stderr and exit code 1: ``fetch`` raises ApiError with that line, ``_call`` prints it.
+
+API = "/api/v1/loadbalancer"
+KEY_HOW = "pass --admin-key KEY or set CORRAL_ADMIN_KEY"
 
 
-def _client(url: str, key: str | None, timeout_s: float = 10.0) -> httpx.Client:
+class ApiError(Exception):
+    """Why a call to a running corral failed, worded as the line the user sees."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+def _client(url: str, key: str | None, timeout_s: float) -> httpx.Client:
     headers = {"X-API-Key": key} if key else {}
     return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
 
 
-def _call(
-    url: str, key: str | None, method: str, path: str, body: Any = None, timeout_s: float = 10.0
+def _why(exc: Exception) -> str:
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return "the URL must start with http:// or https://"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer in time ({type(exc).__name__})"
+    return str(exc) or type(exc).__name__
+
+
+def _detail(resp: httpx.Response) -> str | None:
+    """The error text of a corral answer (FastAPI's ``detail``), None if it is not one."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or "detail" not in body:
+        return None
+    detail = body["detail"]
+    if isinstance(detail, list):  # request validation: one entry per bad field
+        return "; ".join(_invalid_field(d) for d in detail)
+    return str(detail)
+
+
+def _invalid_field(entry: Any) -> str:
+    if not isinstance(entry, dict):
+        return str(entry)
+    where = [str(p) for p in entry.get("loc", []) if p not in ("body", "query", "path")]
+    message = str(entry.get("msg", entry))
+    return f"{'.'.join(where)}: {message}" if where else message
+
+
+def fetch(
+    url: str,
+    key: str | None,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    params: dict[str, str] | None = None,
+    timeout_s: float = 10.0,
 ) -> Any:
+    """One admin API call: its JSON answer, or ApiError with the one line to show."""
     try:
         with _client(url, key, timeout_s) as client:
-            resp = client.request(method, path, json=body)
-    except httpx.HTTPError as exc:
-        err.print(f"error: cannot reach corral at {url}: {exc}", markup=False)
-        raise typer.Exit(1) from None
+            resp = client.request(method, path, json=body, params=params)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise ApiError(f"cannot reach corral at {url}: {_why(exc)}", unreachable=True) from None
+    if resp.status_code == 401:
+        if key:
+            raise ApiError(f"401: the admin key was refused (wrong key?); {KEY_HOW}")
+        raise ApiError(f"401: this corral needs an admin key; {KEY_HOW}")
+    detail = _detail(resp)
+    if resp.status_code == 404 and detail in (None, "Not Found"):
+        # Not corral's own 404 (an unknown backend): the URL is not a corral, or an older one.
+        raise ApiError(f"404: {url} has no {path}: is it a corral (and a recent one)?")
     if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
-            detail = resp.text
-        if isinstance(detail, list):
-            detail = "; ".join(str(d.get("msg", d)) for d in detail)
-        err.print(f"error: {resp.status_code}: {detail}", markup=False)
-        raise typer.Exit(1)
-    return resp.json()
+        text = detail if detail is not None else (resp.text.strip()[:200] or resp.reason_phrase)
+        raise ApiError(f"{resp.status_code}: {text}")
+    try:
+        return resp.json()
+    except ValueError:
+        raise ApiError(f"{url}{path} did not answer JSON: is it a corral?") from None
 
 
-def _show(data: Any, as_json: bool, table: Callable[[Any], Table]) -> None:
+def _fail(message: str) -> NoReturn:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _call(
+    url: str,
+    key: str | None,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout_s: float = 10.0,
+    params: dict[str, str] | None = None,
+) -> Any:
+    """``fetch``, printing the error line and exiting 1 when it fails."""
+    try:
+        return fetch(url, key, method, path, body, params=params, timeout_s=timeout_s)
+    except ApiError as exc:
+        _fail(str(exc))
+
+
+def _say(text: str) -> None:
+    console.print(text, highlight=False, soft_wrap=True)
+
+
+def _show(data: Any, as_json: bool, table: Callable[[Any], RenderableType]) -> None:
     """Print an admin API answer: as JSON for scripts, else as ``table(data)``."""
     if as_json:
         print(json.dumps(data, indent=2))
@@ -169,6 +253,10 @@ def _fmt_s(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _num(value: float) -> str:
+    return f"{round(value, 2):g}"
 
 
 def _gib(value: float | None) -> str:
@@ -196,63 +284,123 @@ def _short_gpu_name(name: str | None) -> str:
     return "-" if not name else name.removeprefix("NVIDIA ")
 
 
-def load_table(data: dict[str, Any], *, wide: bool | None = None) -> Table:
-    """The load table ``corral status`` prints (the URL column only on wide terminals)."""
+def _health(e: dict[str, Any]) -> str:
+    if not e.get("healthy"):
+        return "[red]down[/red]"
+    if e.get("draining"):
+        return "[yellow]draining[/yellow]"
+    if e.get("ejected"):
+        return "[red]ejected[/red]"
+    return "[green]up[/green]"
+
+
+def _gpu_cell(g: dict[str, Any] | None) -> str:
+    """A backend's GPU in one cell: short name, utilization, VRAM used/total, temperature."""
+    if not g:
+        return "-"
+    if g.get("source") == "ollama":  # no GPU reading: only the VRAM /api/ps reports
+        return f"(from /api/ps) {_gib(g.get('memory_used_bytes'))} GiB used"
+    parts = [escape(_short_gpu_name(g.get("name")))]
+    if g.get("utilization_ratio") is not None:
+        parts.append(_pct(g["utilization_ratio"]))
+    if g.get("memory_used_bytes") is not None or g.get("memory_total_bytes") is not None:
+        parts.append(_vram(g.get("memory_used_bytes"), g.get("memory_total_bytes")))
+    if g.get("temperature_c") is not None:
+        parts.append(_temp(g["temperature_c"], bool(g.get("hot"))))
+    return " ".join(parts)
+
+
+def load_table(
+    data: dict[str, Any], *, title: str | None = None, wide: bool | None = None
+) -> Table:
+    """The load table ``corral status`` and the demo print: one row per backend (the URL
+    column only on wide terminals). On narrow ones the GPU column wraps, nothing is cut."""
     if wide is None:
         wide = console.width >= 150
-    table = Table(title=f"corral: strategy {data.get('strategy')}", title_justify="left")
-    table.add_column("backend", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    for col in ("in flight", "requests", "failures", "ttft", "avg", "weight"):
-        table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("gpu", no_wrap=True)
-    for col in ("util", "vram", "temp"):
+    if title is None:
+        title = f"corral: strategy {data.get('strategy')}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("INSTANCE", no_wrap=True)
+    table.add_column("GPU")
+    table.add_column("HEALTH", no_wrap=True)
+    for col in ("ACTIVE", "TOTAL", "AVG RT", "WEIGHT"):
         table.add_column(col, justify="right", no_wrap=True)
     if wide:
-        table.add_column("url", no_wrap=True)
+        table.add_column("URL", no_wrap=True)
     for bid, e in sorted(data.get("loads", {}).items()):
-        if not e.get("healthy"):
-            state = "[red]down[/red]"
-        elif e.get("draining"):
-            state = "[yellow]draining[/yellow]"
-        elif e.get("ejected"):
-            state = "[red]ejected[/red]"
-        else:
-            state = "[green]up[/green]"
         row = [
-            bid,
-            state,
+            escape(bid),
+            _gpu_cell(e.get("gpu_stats")),
+            _health(e),
             f"{e.get('active_connections', 0)}/{e.get('max_concurrent', '?')}",
             str(e.get("total_connections", 0)),
-            str(e.get("failures", 0)),
-            _fmt_s(e.get("ttft_ewma_s")),
             _fmt_s(e.get("avg_response_time")),
-            f"{e.get('weight', 1.0):g}",
-            *_gpu_cells(e.get("gpu_stats")),
+            _num(e.get("weight") or 1.0),
         ]
         if wide:
-            row.append(str(e.get("url", "")))
+            row.append(escape(str(e.get("url", ""))))
         table.add_row(*row)
     return table
 
 
-def _gpu_cells(g: dict[str, Any] | None) -> list[str]:
-    if not g:
-        return ["-", "-", "-", "-"]
-    return [
-        _short_gpu_name(g.get("name")) if g.get("source") != "ollama" else "(from /api/ps)",
-        _pct(g.get("utilization_ratio")),
-        _vram(g.get("memory_used_bytes"), g.get("memory_total_bytes")),
-        _temp(g.get("temperature_c"), bool(g.get("hot"))),
+PRIORITY_ORDER = ("urgent", "high", "normal", "low")
+
+
+def status_lines(data: dict[str, Any]) -> list[str]:
+    """The lines under the load table: the queue and utilization (from ``GET /stats``), and
+    failed requests per backend when there are any (off the table, to keep it narrow)."""
+    stats: dict[str, Any] = data.get("stats") or {}
+    queued = stats.get("queued_by_priority", stats.get("queued", 0))
+    if isinstance(queued, dict):
+        rank = {name: i for i, name in enumerate(PRIORITY_ORDER)}
+        waiting = sorted(
+            ((str(k), int(v)) for k, v in queued.items() if v), key=lambda kv: rank.get(kv[0], 9)
+        )
+        queue = f"queue: {sum(int(v) for v in queued.values())} waiting"
+        if waiting:
+            queue += " (" + ", ".join(f"{n} {name}" for name, n in waiting) + ")"
+    else:
+        queue = f"queue: {queued} waiting"
+    healthy, count = stats.get("healthy", 0), stats.get("backends", 0)
+    colour = "green" if healthy == count and count else ("red" if not healthy else "yellow")
+    used = (
+        f"utilization: {stats.get('current_load', 0)}/{stats.get('total_capacity', 0)} slots"
+        f" ({_pct(stats.get('utilization'))}), [{colour}]{healthy}/{count} backends healthy[/],"
+        f" strategy {escape(str(stats.get('strategy')))}, {stats.get('retried', 0)} retried"
+    )
+    lines = [queue, used]
+    failed = [
+        (bid, e["failures"])
+        for bid, e in sorted(data.get("loads", {}).items())
+        if e.get("failures")
     ]
+    if failed:
+        each = ", ".join(f"{escape(bid)} {n}" for bid, n in failed)
+        lines.append(f"failed requests: [red]{sum(n for _, n in failed)}[/] ({each})")
+    return lines
 
 
-def gpu_table(gpus: list[dict[str, Any]], title: str) -> Table:
-    """The table ``corral gpus`` prints: one row per GPU."""
+def status_view(data: dict[str, Any], *, title: str | None = None) -> RenderableType:
+    """``corral status``: the load table, then the queue and utilization lines."""
+    lines = [Text.from_markup(line) for line in status_lines(data)]
+    return Group(load_table(data, title=title), *lines)
+
+
+def _status_data(url: str, key: str | None) -> dict[str, Any]:
+    """``GET /loads`` with ``GET /stats`` added under ``"stats"``."""
+    loads: dict[str, Any] = fetch(url, key, "GET", f"{API}/loads")
+    return {**loads, "stats": fetch(url, key, "GET", f"{API}/stats")}
+
+
+def gpu_table(gpus: list[dict[str, Any]], title: str, *, wide: bool | None = None) -> Table:
+    """The table ``corral gpus`` prints: one row per GPU (UUIDs only on wide terminals)."""
+    if wide is None:
+        wide = console.width >= 140
     table = Table(title=title, title_justify="left")
     table.add_column("gpu", justify="right", no_wrap=True)
-    table.add_column("name", no_wrap=True)
-    table.add_column("uuid", no_wrap=True)
+    table.add_column("name")
+    if wide:
+        table.add_column("uuid", no_wrap=True)
     for col in ("util", "memory", "temp", "power"):
         table.add_column(col, justify="right", no_wrap=True)
     show_backends = any("backends" in g for g in gpus)
@@ -269,8 +417,8 @@ def gpu_table(gpus: list[dict[str, Any]], title: str) -> Table:
             power_text += f" / {limit:.0f} W"
         row = [
             str(g.get("index")) if (g.get("index") is not None and g["index"] >= 0) else "-",
-            g.get("name") or "-",
-            g.get("uuid") or "-",
+            escape(g.get("name") or "-"),
+            *([g.get("uuid") or "-"] if wide else []),
             _pct(g.get("utilization_ratio")),
             _vram(g.get("memory_used_bytes"), g.get("memory_total_bytes")),
             _temp(g.get("temperature_c"), bool(g.get("hot"))),
@@ -297,7 +445,7 @@ def gpus(
 ) -> None:
     """List this host's GPUs through NVML (or, with --url, the GPUs a running corral reads)."""
     if url is not None:
-        data = _call(url, admin_key, "GET", "/api/v1/loadbalancer/gpus")
+        data = _call(url, admin_key, "GET", f"{API}/gpus")
         if as_json:
             print(json.dumps(data, indent=2))
             return
@@ -320,9 +468,74 @@ def gpus(
 
 
 @app.command()
-def status(url: UrlOpt = DEFAULT_URL, admin_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
-    """Show the load table of a running corral."""
-    _show(_call(url, admin_key, "GET", "/api/v1/loadbalancer/loads"), as_json, load_table)
+def status(
+    url: UrlOpt = DEFAULT_URL,
+    admin_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh in place until Ctrl-C.")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="Seconds between refreshes (--watch).")
+    ] = 2.0,
+) -> None:
+    """Show the load table of a running corral, with its queue and utilization.
+
+    --json prints GET /loads with GET /stats added under "stats" (one object per line with
+    --watch)."""
+    if watch:
+        _watch(url, admin_key, interval, as_json)
+        return
+    try:
+        data = _status_data(url, admin_key)
+    except ApiError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        console.print(status_view(data, title=f"corral at {url}"))
+
+
+def _watch(url: str, key: str | None, interval_s: float, as_json: bool) -> None:
+    """Refresh until Ctrl-C (exit 0). Once corral has answered, losing it is shown under the
+    last table and retried; any other error (401, ...) ends the watch with exit 1."""
+
+    def title() -> str:
+        return f"corral at {url} ({time.strftime('%H:%M:%S')}, every {interval_s:g}s)"
+
+    try:
+        if as_json:
+            while True:
+                try:
+                    print(json.dumps(_status_data(url, key)), flush=True)
+                except ApiError as exc:
+                    if not exc.unreachable:
+                        raise
+                    err.print(f"error: {exc} (retrying)", markup=False, soft_wrap=True)
+                time.sleep(interval_s)
+        first = _status_data(url, key)
+        err.print(
+            f"watching {url} every {interval_s:g}s; Ctrl-C to stop",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        view = status_view(first, title=title())
+        with Live(view, console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval_s)
+                try:
+                    view = status_view(_status_data(url, key), title=title())
+                    live.update(view, refresh=True)
+                except ApiError as exc:
+                    if not exc.unreachable:
+                        raise
+                    note = Text(f"error: {exc} (retrying every {interval_s:g}s)", style="red")
+                    live.update(Group(view, note), refresh=True)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    except ApiError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -336,13 +549,263 @@ def strategy(
 ) -> None:
     """Show or switch the balancing strategy at runtime."""
     if name is None:
-        data = _call(url, admin_key, "GET", "/api/v1/loadbalancer/strategy")
+        data = _call(url, admin_key, "GET", f"{API}/strategy")
     else:
-        data = _call(url, admin_key, "PUT", "/api/v1/loadbalancer/strategy", {"strategy": name})
+        data = _call(url, admin_key, "PUT", f"{API}/strategy", {"strategy": name})
     if as_json:
         print(json.dumps(data))
     else:
-        console.print(data.get("message") or data["strategy"], highlight=False)
+        _say(data.get("message") or data["strategy"])
+
+
+# corral backends ----------------------------------------------------------------------------
+
+backends_app = typer.Typer(
+    help="List, add, remove, drain and enable the backends of a running corral.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(backends_app, name="backends")
+
+
+def _opts(
+    ctx: typer.Context, url: str, key: str | None, as_json: bool
+) -> tuple[str, str | None, bool]:
+    """A subcommand's --url/--admin-key/--json, or the ones given to ``corral backends``
+    before it (``corral backends --json drain gpu1``)."""
+    parent = ctx.parent
+
+    def typed(c: Any, name: str) -> bool:
+        # By name: typer bundles its own click, whose ParameterSource is not click's.
+        source = c.get_parameter_source(name)
+        return source is not None and source.name == "COMMANDLINE"
+
+    def pick(name: str, own: Any) -> Any:
+        if parent is not None and not typed(ctx, name) and typed(parent, name):
+            return parent.params[name]
+        return own
+
+    return pick("url", url), pick("admin_key", key), pick("as_json", as_json)
+
+
+IdArg = Annotated[str, typer.Argument(metavar="ID", help="The backend's ID.")]
+
+
+def _backend_path(backend_id: str) -> str:
+    return f"{API}/backends/{quote(backend_id, safe='')}"
+
+
+def backends_table(entries: list[dict[str, Any]]) -> Table:
+    """The table ``corral backends`` prints: one row per backend."""
+    table = Table(title="backends", title_justify="left")
+    table.add_column("INSTANCE", no_wrap=True)
+    table.add_column("URL", no_wrap=True)
+    table.add_column("HEALTH", no_wrap=True)
+    for col in ("ACTIVE", "WEIGHT"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("GPU")
+    table.add_column("NOTES")
+    for e in sorted(entries, key=lambda e: str(e.get("instance_id"))):
+        stats = e.get("gpu_stats") or {}
+        gpu = e.get("gpu")
+        if stats.get("name"):
+            gpu_text = _short_gpu_name(stats["name"])
+        elif gpu is not None:
+            gpu_text = ", ".join(map(str, gpu)) if isinstance(gpu, list) else str(gpu)
+        else:
+            gpu_text = "-"
+        notes = [
+            note
+            for note, on in (
+                ("fallback", e.get("fallback")),
+                ("ttl", e.get("dynamic")),
+                ("dcgm", e.get("gpu_metrics_url")),
+            )
+            if on
+        ]
+        table.add_row(
+            escape(str(e.get("instance_id"))),
+            escape(str(e.get("url", ""))),
+            _health(e),
+            f"{e.get('active_connections', 0)}/{e.get('max_concurrent', '?')}",
+            _num(e.get("weight") or 1.0),
+            escape(gpu_text),
+            ", ".join(notes) or "-",
+        )
+    return table
+
+
+def _list_backends(url: str, key: str | None, as_json: bool) -> None:
+    data = _call(url, key, "GET", f"{API}/backends")
+    _show(data, as_json, lambda d: backends_table(d.get("backends", [])))
+
+
+@backends_app.callback()
+def _backends(
+    ctx: typer.Context,
+    url: UrlOpt = DEFAULT_URL,
+    admin_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """With no subcommand: list the backends."""
+    if ctx.invoked_subcommand is None:
+        _list_backends(url, admin_key, as_json)
+
+
+@backends_app.command("list")
+def backends_list(
+    ctx: typer.Context,
+    url: UrlOpt = DEFAULT_URL,
+    admin_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the backends: health, in flight, weight, GPU."""
+    _list_backends(*_opts(ctx, url, admin_key, as_json))
+
+
+def _state_words(e: dict[str, Any]) -> str:
+    return (
+        f"{Text.from_markup(_health(e)).plain}, {e.get('active_connections', 0)}/"
+        f"{e.get('max_concurrent', '?')} in flight, weight {_num(e.get('weight') or 1.0)}"
+    )
+
+
+def _gpu_ref(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+@backends_app.command("add")
+def backends_add(
+    ctx: typer.Context,
+    backend_id: IdArg,
+    backend_url: Annotated[
+        str, typer.Argument(metavar="URL", help="Its Ollama URL, e.g. http://10.0.0.5:11434.")
+    ],
+    max_concurrent: Annotated[
+        int | None, typer.Option(min=1, help="Requests at once (default 4).", show_default=False)
+    ] = None,
+    weight: Annotated[
+        float | None,
+        typer.Option(help="Weight (default: from VRAM).", show_default=False),
+    ] = None,
+    gpu: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="This host's GPU index or UUID behind it (repeat for several).", show_default=False
+        ),
+    ] = None,
+    gpu_metrics_url: Annotated[
+        str | None,
+        typer.Option(help="Its host's DCGM exporter URL, for GPU readings.", show_default=False),
+    ] = None,
+    fallback: Annotated[
+        bool, typer.Option("--fallback", help="Use it only when no other backend can.")
+    ] = False,
+    ttl: Annotated[
+        float | None,
+        typer.Option(
+            help="Remove it unless it heartbeats within S seconds.",
+            show_default=False,
+            metavar="S",
+        ),
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    admin_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a backend at runtime (corral probes it at once)."""
+    url, admin_key, as_json = _opts(ctx, url, admin_key, as_json)
+    body: dict[str, Any] = {"id": backend_id, "url": backend_url}
+    refs = [_gpu_ref(part.strip()) for item in gpu or [] for part in item.split(",") if part]
+    if refs:
+        body["gpu"] = refs[0] if len(refs) == 1 else refs
+    for field, value in (
+        ("max_concurrent", max_concurrent),
+        ("weight", weight),
+        ("gpu_metrics_url", gpu_metrics_url),
+        ("ttl_s", ttl),
+    ):
+        if value is not None:
+            body[field] = value
+    if fallback:
+        body["fallback"] = True
+    entry = _call(url, admin_key, "POST", f"{API}/backends", body)
+    if as_json:
+        print(json.dumps(entry, indent=2))
+        return
+    _say(f"added {backend_id} ({entry.get('url', backend_url)}): {_state_words(entry)}")
+    if not entry.get("healthy"):
+        err.print(
+            f"warning: {backend_id} does not answer yet; corral keeps probing it",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+@backends_app.command("remove")
+def backends_remove(
+    ctx: typer.Context,
+    backend_id: IdArg,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Remove at once; requests in flight finish on their own."),
+    ] = False,
+    url: UrlOpt = DEFAULT_URL,
+    admin_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drain a backend, wait for its requests in flight (up to the drain timeout), remove it."""
+    url, admin_key, as_json = _opts(ctx, url, admin_key, as_json)
+    params = {"force": "true"} if force else None
+    try:
+        with err.status(f"draining {backend_id}: waiting for its requests in flight"):
+            # corral bounds the wait (server.drain_timeout_s); this only guards a hung server.
+            data = fetch(
+                url, admin_key, "DELETE", _backend_path(backend_id), params=params, timeout_s=3600.0
+            )
+    except ApiError as exc:
+        _fail(str(exc).replace("DELETE with ?force=true", "add --force"))
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    left = data.get("in_flight") or 0
+    tail = f" ({left} request(s) still in flight finish on their own)" if left else ""
+    _say(f"removed {data.get('removed', backend_id)}{tail}")
+
+
+def _register_action(action: str, doc: str, said: Callable[[str, dict[str, Any]], str]) -> None:
+    """``corral backends drain|enable ID``: PATCH the action, print ``said(ID, new entry)``."""
+
+    def command(
+        ctx: typer.Context,
+        backend_id: IdArg,
+        url: UrlOpt = DEFAULT_URL,
+        admin_key: KeyOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        url, admin_key, as_json = _opts(ctx, url, admin_key, as_json)
+        path = _backend_path(backend_id)
+        entry: dict[str, Any] = _call(url, admin_key, "PATCH", path, {"action": action})
+        if as_json:
+            print(json.dumps(entry, indent=2))
+        else:
+            _say(said(backend_id, entry))
+
+    backends_app.command(action, help=doc)(command)
+
+
+_register_action(
+    "drain",
+    "Stop sending new requests to a backend; the ones in flight finish.",
+    lambda bid, e: (
+        f"{bid} draining: no new requests; {e.get('active_connections', 0)} in flight will finish"
+    ),
+)
+_register_action(
+    "enable",
+    "Send requests to a drained backend again.",
+    lambda bid, e: f"{bid} enabled: {_state_words(e)}",
+)
 
 
 def models_table(models: list[dict[str, Any]]) -> Table:
@@ -379,7 +842,7 @@ def models_table(models: list[dict[str, Any]]) -> Table:
 @app.command()
 def models(url: UrlOpt = DEFAULT_URL, admin_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Show every model per backend: installed, loaded on GPU, partly or on CPU, and its VRAM."""
-    data = _call(url, admin_key, "GET", "/api/v1/loadbalancer/models")
+    data = _call(url, admin_key, "GET", f"{API}/models")
     _show(data, as_json, lambda d: models_table(d.get("models", [])))
 
 
@@ -408,7 +871,7 @@ def place(
     body: dict[str, Any] = {"action": chosen[0]}
     if backend is not None:
         body["backend"] = backend
-    path = f"/api/v1/loadbalancer/models/{quote(model, safe='/:')}/placement"
+    path = f"{API}/models/{quote(model, safe='/:')}/placement"
     # Loads can take minutes (a cold model read from disk).
     data = _call(url, admin_key, "POST", path, body, timeout_s=900.0)
     results: dict[str, Any] = data.get("results", {})

@@ -60,6 +60,16 @@ LOADS = {
         },
     },
 }
+STATS = {
+    "strategy": "least_connections",
+    "backends": 2,
+    "healthy": 1,
+    "total_capacity": 4,
+    "current_load": 1,
+    "utilization": 0.25,
+    "queued": 0,
+    "retried": 0,
+}
 
 
 def test_check_config_ok_and_bad(tmp_path: Path) -> None:
@@ -83,6 +93,7 @@ def test_check_config_ok_and_bad(tmp_path: Path) -> None:
 def test_status_prints_the_load_table() -> None:
     """corral status shows each backend's state, in-flight/capacity and totals."""
     respx.get(f"{URL}/api/v1/loadbalancer/loads").mock(return_value=httpx.Response(200, json=LOADS))
+    respx.get(f"{URL}/api/v1/loadbalancer/stats").mock(return_value=httpx.Response(200, json=STATS))
     result = runner.invoke(app, ["status", "--url", URL], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "least_connections" in result.output
@@ -100,15 +111,17 @@ def test_status_prints_the_load_table() -> None:
 
 @respx.mock
 def test_status_json_and_admin_key() -> None:
-    """--json prints the API's JSON; CORRAL_ADMIN_KEY is sent as X-API-Key."""
+    """--json prints the API's loads with its stats added; CORRAL_ADMIN_KEY is sent as
+    X-API-Key."""
     route = respx.get(f"{URL}/api/v1/loadbalancer/loads").mock(
         return_value=httpx.Response(200, json=LOADS)
     )
+    respx.get(f"{URL}/api/v1/loadbalancer/stats").mock(return_value=httpx.Response(200, json=STATS))
     result = runner.invoke(
         app, ["status", "--json"], env={"CORRAL_URL": URL, "CORRAL_ADMIN_KEY": "k"}
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == LOADS
+    assert json.loads(result.output) == {**LOADS, "stats": STATS}
     assert route.calls.last.request.headers["x-api-key"] == "k"
 
 
