@@ -92,7 +92,8 @@ def _banner(url: str, fast: int, slow: int) -> None:
     )
     console.print(f"  CORRAL_URL={url} .venv/bin/corral status", highlight=False, markup=False)
     console.print(f"  .venv/bin/corral gpus --url {url}", highlight=False, markup=False)
-    console.print(f"  curl {url}/metrics\n", highlight=False, markup=False)
+    console.print(f"  curl {url}/metrics", highlight=False, markup=False)
+    console.print(f"  open {url}/ui in a browser: the status page\n", highlight=False, markup=False)
 
 
 async def _demo(port: int, strategy: str) -> None:
