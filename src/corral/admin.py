@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral import inventory
@@ -36,7 +42,45 @@ def require_admin(request: Request) -> None:
         raise HTTPException(status, message, headers=headers)
 
 
-router = APIRouter(prefix="/api/v1/loadbalancer", dependencies=[Depends(require_admin)])
+class _AdminRoute(APIRoute):
+    """An admin route: the caller is checked before its body is read (a stranger's body is
+    neither read nor parsed, nor answered with a 422), and validation errors are answered
+    here: FastAPI's own handler fails with a 500 when the input it echoes back is bytes that
+    are not UTF-8, a lone surrogate or NaN (fastapi#13111)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            require_admin(request)
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return JSONResponse({"detail": [_plain(e) for e in exc.errors()]}, 422)
+
+        return route
+
+
+def _plain(error: Any) -> dict[str, Any]:
+    """One validation error, with its ``input`` and ``ctx`` kept only if they encode as JSON."""
+    plain = {k: error[k] for k in ("type", "loc", "msg") if k in error}
+    for key in ("input", "ctx"):
+        if key not in error:
+            continue
+        try:
+            value = jsonable_encoder(error[key], custom_encoder={bytes: _text})
+            json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+        except (ValueError, TypeError, RecursionError):  # UnicodeError is a ValueError
+            continue
+        plain[key] = value
+    return plain
+
+
+def _text(data: bytes) -> str:
+    return data.decode(errors="replace")
+
+
+router = APIRouter(prefix="/api/v1/loadbalancer", route_class=_AdminRoute)
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 

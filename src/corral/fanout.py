@@ -451,7 +451,7 @@ def _parse(body: bytes) -> dict[str, Any]:
         raise _RefusedError(400, "missing request body", [])
     try:
         data = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise _RefusedError(400, f"invalid JSON: {exc}", []) from None
     if not isinstance(data, dict):
         raise _RefusedError(400, "request body must be a JSON object", [])

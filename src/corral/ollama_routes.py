@@ -84,7 +84,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 def _request_id(scope: Scope) -> str:
     """The client's X-Request-ID when it is sane, else a new one."""
     text = _header(scope, b"x-request-id")
-    if text is not None and 0 < len(text) <= 128 and text.isprintable():
+    # ASCII only: other bytes would not come back (nor reach the backend) as they were sent.
+    if text is not None and 0 < len(text) <= 128 and text.isascii() and text.isprintable():
         return text
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 

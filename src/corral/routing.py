@@ -126,14 +126,16 @@ class Router:
     ) -> BackendState:
         if len(free) == 1:
             return free[0]
+        # The least loaded eligible backend's load (in-flight share), computed once per pick.
+        least = min(b.in_flight / b.max_concurrent for b in free)
         if session is not None and self.settings.session_affinity:
             held = self._sessions.get(session)
             backend = next((b for b in free if b.id == held), None)
-            if backend is not None and not self._spills(backend, free):
+            if backend is not None and not self._spills(backend, least):
                 return backend
         if model_key is not None and route != "show":
             if self.settings.model_affinity:
-                free = self._affine(free, model_key)
+                free = self._affine(free, model_key, least)
             else:
                 free = self._prefer_room(free, model_key)
         if len(free) == 1:
@@ -144,38 +146,46 @@ class Router:
         )
         return by_id[chosen.id]
 
-    def _spills(self, backend: BackendState, free: list[BackendState]) -> bool:
+    def _spills(self, backend: BackendState, least: float) -> bool:
         """``backend`` is too much busier than the least loaded one to keep its affinity."""
         load = backend.in_flight / backend.max_concurrent
-        least = min(b.in_flight / b.max_concurrent for b in free)
         excess = (load - least) * backend.max_concurrent  # in the backend's own requests
         return (
             excess > self.settings.affinity_spill_abs
             and load > least * self.settings.affinity_spill_ratio
         )
 
-    def _affine(self, free: list[BackendState], model_key: str) -> list[BackendState]:
+    def _affine(self, free: list[BackendState], model_key: str, least: float) -> list[BackendState]:
         """Hot-model affinity with bounded load, then VRAM-aware placement of a cold model."""
-        tiers = (
-            [b for b in free if inventory.where(b, model_key) == "gpu" or model_key in b.loading],
-            [b for b in free if inventory.where(b, model_key) == "partial"],
-        )
-        for tier in tiers:
-            kept = [b for b in tier if not self._spills(b, free)]
+        on_gpu: list[BackendState] = []
+        partial: list[BackendState] = []
+        for b in free:
+            if model_key in b.loading:
+                on_gpu.append(b)
+            elif model_key in b.resident:
+                where = inventory.where(b, model_key)
+                if where == "gpu":
+                    on_gpu.append(b)
+                elif where == "partial":
+                    partial.append(b)
+        for tier in (on_gpu, partial):
+            kept = [b for b in tier if not self._spills(b, least)]
             if kept:
                 return kept
-        holders = [b for tier in tiers for b in tier]
-        if not holders:
-            return self._roomiest(free, model_key)
+        if not on_gpu and not partial:
+            return self._roomiest(free, model_key, least)
         # On a GPU but too busy there: a second copy elsewhere is worth its load, unless it
         # would evict another model; then the holders keep it while they have a free slot.
-        others = [b for b in free if b not in holders and b.has_room(model_key)]
-        return self._roomiest(others, model_key) if others else holders
+        holding = {b.id for b in on_gpu} | {b.id for b in partial}
+        others = [b for b in free if b.id not in holding and b.has_room(model_key)]
+        return self._roomiest(others, model_key, least) if others else on_gpu + partial
 
-    def _roomiest(self, free: list[BackendState], model_key: str) -> list[BackendState]:
+    def _roomiest(
+        self, free: list[BackendState], model_key: str, least: float
+    ) -> list[BackendState]:
         """A model loaded nowhere: the GPU with the most free memory for it (bounded load)."""
         room = self._prefer_room(free, model_key)
-        known = [b for b in room if b.vram_free_bytes is not None and not self._spills(b, free)]
+        known = [b for b in room if b.vram_free_bytes is not None and not self._spills(b, least)]
         if len(known) < len(room):
             return room  # some GPUs unknown: no basis to rank them
         most = max(b.vram_free_bytes or 0 for b in known)
