@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check bench bench-affinity clean
+.PHONY: demo test check bench bench-affinity bench-scale bench-soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ bench: $(STAMP)
 
 bench-affinity: $(STAMP)
 	$(BIN)/python bench/affinity.py
+
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py
+
+bench-soak: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
