@@ -150,9 +150,19 @@ class Runtime:
         )
         self.lifecycle.start("health", self.health.run())
         self.lifecycle.start("gpus", self.gpus.run())
+        self.lifecycle.start("loop-lag", self._watch_loop_lag())
         if self.settings.placement.enabled and self.placement.priority:
             self.lifecycle.start("placement", self.placement.run())
         sd_notify("READY=1")
+
+    async def _watch_loop_lag(self, every_s: float = 0.1) -> None:
+        """Measure how late the loop wakes a timer: the delay every request shares."""
+        loop = asyncio.get_running_loop()
+        observe = self.metrics.loop_lag.observe
+        while True:
+            planned = loop.time() + every_s
+            await asyncio.sleep(every_s)
+            observe(max(loop.time() - planned, 0.0))
 
     async def wait_idle(self, backend: BackendState, timeout_s: float) -> bool:
         """Wait until ``backend`` has nothing in flight; False when ``timeout_s`` passes first."""
