@@ -181,6 +181,9 @@ def decode_body(body: bytes, struct: str) -> dict[str, Any]:
         data = json.loads(body)
     except UnicodeDecodeError:
         raise HTTPError(400, "invalid character looking for beginning of value") from None
+    except RecursionError:
+        # Go's decoder stops nesting at 10,000 levels; Python's recursion limit comes first.
+        raise HTTPError(400, "exceeded max depth") from None
     except json.JSONDecodeError as exc:
         if exc.pos >= len(exc.doc.rstrip()):
             raise HTTPError(400, "unexpected EOF") from None
