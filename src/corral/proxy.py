@@ -227,6 +227,11 @@ class Forwarder:
         try:
             try:
                 resp = await self.upstream.open(method, backend.url + path, headers, body)
+            except aiohttp.ConnectionTimeoutError as exc:
+                # Never connected, so nothing was sent: as safe to retry as a refused connect.
+                # (It is a TimeoutError too, so it must be caught before the clause below.)
+                self.health.record_result(backend, False, transport=True)
+                return _Transport(f"backend {backend.id} unreachable: {_describe(exc)}")
             except TimeoutError:
                 # Sent but no answer in first_token_s: retrying would double GPU work.
                 self.health.record_result(backend, False)
@@ -286,14 +291,22 @@ class Forwarder:
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         # The last chunk closes the response in the same write (one syscall fewer).
         ended = not first or content.is_eof()
-        await send({"type": "http.response.body", "body": first, "more_body": not ended})
         tail = first[-768:]
+        # Streams go out in whole lines, so that the error line sent if the backend dies in
+        # the middle of one is not glued to half a line no client can parse.
+        ndjson, sse = "ndjson" in content_type, "event-stream" in content_type
+        held = b""
+        if ndjson or sse:
+            first, held = _whole_lines(first, ended)
+        await send({"type": "http.response.body", "body": first, "more_body": not ended})
         error: str | None = None
         try:
             if not ended:
                 async for chunk in content.iter_any():
                     tail = tail[-256:] + chunk if len(chunk) < 512 else chunk
                     ended = content.is_eof()
+                    if ndjson or sse:
+                        chunk, held = _whole_lines(held + chunk if held else chunk, ended)
                     await send(
                         {"type": "http.response.body", "body": chunk, "more_body": not ended}
                     )
@@ -302,16 +315,18 @@ class Forwarder:
         except TRANSPORT_ERRORS as exc:
             error = f"backend {backend.id} failed mid-stream: {_describe(exc)}"
         ok = error is None and status < 500
+        if held and error is None:
+            await send({"type": "http.response.body", "body": held, "more_body": True})
         if error is not None:
             self.health.record_result(backend, False, transport=True)
-            if "ndjson" in content_type:
+            if ndjson:
                 await send(
                     {"type": "http.response.body", "body": ndjson_error(error), "more_body": True}
                 )
-            elif "event-stream" in content_type:
-                await send(
-                    {"type": "http.response.body", "body": sse_error(error), "more_body": True}
-                )
+            elif sse:
+                # The blank line first ends an event whose data line went out without its own.
+                body = b"\n" + sse_error(error)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
             else:
                 # A plain body cut short cannot carry an error: abort the connection.
                 raise ResponseCut(error)
@@ -365,6 +380,21 @@ class UpstreamStatusError(_Failure):
         self.busy = busy
         self.retry_reason = "busy" if busy else "status_5xx"
         super().__init__(_error_text(payload) or f"backend answered {status}")
+
+
+# Longer than any line Ollama streams: relayed as it comes rather than held in memory.
+_MAX_HELD = 65536
+
+
+def _whole_lines(data: bytes, ended: bool) -> tuple[bytes, bytes]:
+    """What of a stream to relay now: ``data`` up to its last newline, and the unfinished line
+    held back for the next chunk (none once the stream ended, or when absurdly long)."""
+    if ended or data.endswith(b"\n"):
+        return data, b""
+    cut = data.rfind(b"\n") + 1
+    if len(data) - cut > _MAX_HELD:
+        return data, b""
+    return data[:cut], data[cut:]
 
 
 def _reason(err: RoutingError) -> str:
