@@ -223,6 +223,7 @@ class Forwarder:
         # The slot was reserved by admission; it is released below in every path.
         in_flight.inc()
         utilization.set(backend.in_flight / backend.max_concurrent)
+        dispatched = time.perf_counter()  # the backend's own times start here, not in the queue
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
@@ -248,7 +249,9 @@ class Forwarder:
                 return UpstreamStatusError(
                     status, payload, resp.headers.get("Content-Type", ""), busy, backend.id
                 )
-            return await self._relay(send, backend, resp, route, request_id, extra_headers, started)
+            return await self._relay(
+                send, backend, resp, route, request_id, extra_headers, started, dispatched
+            )
         finally:
             in_flight.dec()
             if resp is not None:
@@ -265,6 +268,7 @@ class Forwarder:
         request_id: str,
         extra_headers: list[tuple[bytes, bytes]],
         started: float,
+        dispatched: float,
     ) -> tuple[int, dict[str, Any]] | RoutingError:
         status = resp.status
         content = resp.content
@@ -287,7 +291,8 @@ class Forwarder:
         out_headers.append((b"x-request-id", request_id.encode()))
         out_headers.extend(extra_headers)
         content_type = resp.headers.get("Content-Type", "")
-        ttft = time.perf_counter() - started
+        first_at = time.perf_counter()
+        ttft = first_at - started  # as the client saw it, queueing included
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         # The last chunk closes the response in the same write (one syscall fewer).
         ended = not first or content.is_eof()
@@ -334,16 +339,19 @@ class Forwarder:
             self.health.record_result(backend, ok)
         if not ended:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        duration = time.perf_counter() - started
+        now = time.perf_counter()
         tokens = 0
         if ok and status == 200:
             counts = _EVAL_COUNT.findall(tail)
             if counts:
                 tokens = int(counts[-1])
-            backend.ttft.observe(ttft)
-        backend.last_response_time = duration
+            # The backend's speed: from dispatch, so time spent in corral's queue (no fault of
+            # this backend's) does not make it look slow to least_response_time and score.
+            backend.ttft.observe(first_at - dispatched)
+        served = now - dispatched
+        backend.last_response_time = served
         prev = backend.avg_response_time
-        backend.avg_response_time = duration if prev is None else prev * 0.9 + duration * 0.1
+        backend.avg_response_time = served if prev is None else prev * 0.9 + served * 0.1
         fields: dict[str, Any] = {"ttft_s": round(ttft, 6), "tokens": tokens}
         if error is not None:
             fields["error"] = error

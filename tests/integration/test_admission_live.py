@@ -267,3 +267,27 @@ def test_delete_waits_for_in_flight_or_forces(sim_factory: Any, corral_factory: 
         assert r.json()["in_flight"] == 1
     t.join(10)
     t2.join(10)
+
+
+def test_time_queued_in_corral_does_not_count_against_the_backend(
+    sim_factory: Any, corral_factory: Any
+) -> None:
+    """One slot, four requests at once: three wait in corral's queue, yet the backend's average
+    and last response times and its TTFT estimate stay those of one request (~0.2 s)."""
+    sim = sim_factory(name="a", ttft_s=0.1, token_interval_s=0.025, tokens=4)
+    corral = corral_factory([{"id": "a", "url": sim.url, "max_concurrent": 1}])
+    threads = [
+        threading.Thread(target=lambda: httpx.post(f"{corral.url}/api/generate", json=GEN))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    with corral.client() as client:
+        entry = client.get(f"{LB}/loads").json()["loads"]["a"]
+        assert entry["total_connections"] == 4
+        assert metric(client, "corral_queue_wait_seconds_sum") > 0.3  # they did queue
+    assert entry["last_response_time"] < 0.35
+    assert entry["avg_response_time"] < 0.35
+    assert entry["ttft_ewma_s"] < 0.25
