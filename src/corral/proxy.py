@@ -151,10 +151,52 @@ class Forwarder:
         """Serve the request; returns (status, backend id, log fields). Raises RoutingError
         only while nothing has been sent to the client."""
         started = time.perf_counter()
+        self.budget.deposit()
+        # 5xx answers wait to be counted against their backend: when a second backend answers
+        # the same request with the same error, the request is at fault (Ollama answers some
+        # bad requests with 500), and neither backend is blamed nor the request tried again.
+        refused: list[tuple[BackendState, UpstreamStatusError]] = []
+        try:
+            return await self._forward(
+                send,
+                method,
+                path,
+                headers,
+                body,
+                model,
+                model_key,
+                route,
+                request_id,
+                extra_headers,
+                rank,
+                session,
+                started,
+                refused,
+            )
+        finally:
+            for backend, _ in refused:
+                self.health.record_result(backend, False)
+
+    async def _forward(
+        self,
+        send: Send,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        model: str,
+        model_key: str | None,
+        route: RouteSpec,
+        request_id: str,
+        extra_headers: list[tuple[bytes, bytes]],
+        rank: int,
+        session: str | None,
+        started: float,
+        refused: list[tuple[BackendState, UpstreamStatusError]],
+    ) -> tuple[int, str | None, dict[str, Any]]:
         tried: list[str] = []
         attempts = 0
         budget = self.budget
-        budget.deposit()
         last_error: RoutingError | None = None
         enqueued = time.monotonic()
         while attempts < self.settings.max_attempts:
@@ -194,6 +236,20 @@ class Forwarder:
                 return status, backend.id, fields
             # A retryable failure before any byte reached the client.
             last_error = outcome
+            if isinstance(outcome, UpstreamStatusError) and not outcome.busy:
+                same = [b for b, e in refused if _alike(e, outcome)]
+                if same:
+                    for b in same:
+                        refused.remove(next(r for r in refused if r[0] is b))
+                    log.info(
+                        "backends refused the request alike; not counted against them",
+                        request_id=request_id,
+                        status=outcome.status,
+                        error=str(outcome),
+                        backends=[backend.id, *(b.id for b in same)],
+                    )
+                    break
+                refused.append((backend, outcome))
             if isinstance(outcome, _Timeout):
                 break  # the backend may still be generating: a retry would double the work
             if attempts >= self.settings.max_attempts or not budget.withdraw():
@@ -244,8 +300,7 @@ class Forwarder:
             if status >= 500 and can_retry:
                 payload = await _read_small(resp)
                 busy = status == 503 and _BUSY in payload
-                if not busy:
-                    self.health.record_result(backend, False)
+                # Not counted here: forward() decides, once it knows whether it was the request.
                 return UpstreamStatusError(
                     status, payload, resp.headers.get("Content-Type", ""), busy, backend.id
                 )
@@ -403,6 +458,11 @@ def _whole_lines(data: bytes, ended: bool) -> tuple[bytes, bytes]:
     if len(data) - cut > _MAX_HELD:
         return data, b""
     return data[:cut], data[cut:]
+
+
+def _alike(a: UpstreamStatusError, b: UpstreamStatusError) -> bool:
+    """Two backends refused a request the same way (same status, same error text)."""
+    return (a.status, str(a)) == (b.status, str(b))
 
 
 def _reason(err: RoutingError) -> str:

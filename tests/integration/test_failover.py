@@ -254,3 +254,45 @@ def test_retry_storm_stays_within_budget(sim_factory: Any, corral_factory: Any) 
     # 20% of requests, plus the bucket's initial burst of 10 and ~1/s of floor.
     assert seen <= n * 1.2 + 10 + 15, seen
     assert seen > n
+
+
+def test_a_request_every_backend_refuses_alike_blames_no_backend(
+    sim_factory: Any, corral_factory: Any
+) -> None:
+    """Ollama answers an invalid `format` with 500. When two backends answer the same request
+    with the same 500, the request is at fault: the client gets the error after one retry,
+    and no backend is counted as failing, however many such requests come."""
+    a, b = sim_factory(name="a"), sim_factory(name="b")
+    corral = corral_factory(
+        [{"id": "a", "url": a.url}, {"id": "b", "url": b.url}],
+        health={"error_min_requests": 2, "error_rate_threshold": 0.5},
+    )
+    bad = {"model": "llama3.2", "prompt": "x", "stream": False, "format": "yaml"}
+    with corral.client() as client:
+        for _ in range(6):
+            r = client.post("/api/generate", json=bad)
+            assert r.status_code == 500
+            assert "invalid format" in r.json()["error"]
+        loads = client.get("/api/v1/loadbalancer/loads").json()["loads"]
+        assert [(e["failures"], e["ejected"]) for e in loads.values()] == [(0, False)] * 2
+        assert metric(client, 'corral_retries_total{reason="status_5xx"}') == 6
+        good = {"model": "llama3.2", "prompt": "x", "stream": False}
+        assert client.post("/api/generate", json=good).status_code == 200
+
+
+def test_a_backend_failing_alone_is_still_blamed(sim_factory: Any, corral_factory: Any) -> None:
+    """A 500 that another backend does not repeat counts against the backend that gave it."""
+    bad, good = sim_factory(name="bad"), sim_factory(name="good")
+    bad.set_faults(error_rate=1.0)
+    corral = corral_factory(
+        [{"id": "bad", "url": bad.url}, {"id": "good", "url": good.url}],
+        balancer={"strategy": "round_robin", "model_affinity": False, "session_affinity": False},
+        health={"error_min_requests": 1000, "consecutive_errors": 100},
+    )
+    with corral.client() as client:
+        for _ in range(4):
+            gen = {"model": "llama3.2", "prompt": "x", "stream": False}
+            assert client.post("/api/generate", json=gen).status_code == 200
+        loads = client.get("/api/v1/loadbalancer/loads").json()["loads"]
+        assert loads["bad"]["failures"] == 2
+        assert loads["good"]["failures"] == 0
