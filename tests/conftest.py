@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -145,3 +146,18 @@ def sim_process_factory() -> Iterator[Any]:
     yield start
     for sim in reversed(started):
         sim.stop()
+
+
+def require_tool(name: str, needed_for: str, package: str) -> str:
+    """The path of a system tool; skip without it, except under CI, where that fails: CI
+    installs it (scripts/test-deps.sh), so a missing tool there is a broken set-up."""
+    path = shutil.which(name)
+    if path is None:
+        message = (
+            f"{name} not found, so {needed_for}; install Debian's {package} package "
+            "(scripts/test-deps.sh does it as root)"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

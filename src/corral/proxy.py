@@ -157,106 +157,72 @@ class Forwarder:
         # bad requests with 500), and neither backend is blamed nor the request tried again.
         refused: list[tuple[BackendState, UpstreamStatusError]] = []
         try:
-            return await self._forward(
-                send,
-                method,
-                path,
-                headers,
-                body,
-                model,
-                model_key,
-                route,
-                request_id,
-                extra_headers,
-                rank,
-                session,
-                started,
-                refused,
-            )
+            tried: list[str] = []
+            attempts = 0
+            budget = self.budget
+            last_error: RoutingError | None = None
+            enqueued = time.monotonic()
+            while attempts < self.settings.max_attempts:
+                try:
+                    # A retry keeps its place in the queue and jumps one class ahead.
+                    backend = await self.admission.acquire(
+                        model,
+                        model_key,
+                        route.name,
+                        tried,
+                        rank=rank + (1 if attempts else 0),
+                        enqueued=enqueued,
+                        session=session,
+                    )
+                except RoutingError as exc:
+                    if last_error is not None and isinstance(exc, NoBackendError):
+                        raise last_error from None
+                    raise
+                attempts += 1
+                tried.append(backend.id)
+                outcome = await self._attempt(
+                    send,
+                    backend,
+                    method,
+                    path,
+                    headers,
+                    body,
+                    route,
+                    request_id,
+                    extra_headers,
+                    started,
+                    can_retry=attempts < self.settings.max_attempts,
+                )
+                if isinstance(outcome, tuple):
+                    status, fields = outcome
+                    fields["attempts"] = attempts
+                    return status, backend.id, fields
+                # A retryable failure before any byte reached the client.
+                last_error = outcome
+                if isinstance(outcome, UpstreamStatusError) and not outcome.busy:
+                    same = [b for b, e in refused if _alike(e, outcome)]
+                    if same:
+                        for b in same:
+                            refused.remove(next(r for r in refused if r[0] is b))
+                        log.info(
+                            "backends refused the request alike; not counted against them",
+                            request_id=request_id,
+                            status=outcome.status,
+                            error=str(outcome),
+                            backends=[backend.id, *(b.id for b in same)],
+                        )
+                        break
+                    refused.append((backend, outcome))
+                if isinstance(outcome, _Timeout):
+                    break  # the backend may still be generating: a retry would double the work
+                if attempts >= self.settings.max_attempts or not budget.withdraw():
+                    break
+                self.metrics.retries.labels(reason=_reason(outcome)).inc()
+            assert last_error is not None
+            raise last_error
         finally:
             for backend, _ in refused:
                 self.health.record_result(backend, False)
-
-    async def _forward(
-        self,
-        send: Send,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        body: bytes | None,
-        model: str,
-        model_key: str | None,
-        route: RouteSpec,
-        request_id: str,
-        extra_headers: list[tuple[bytes, bytes]],
-        rank: int,
-        session: str | None,
-        started: float,
-        refused: list[tuple[BackendState, UpstreamStatusError]],
-    ) -> tuple[int, str | None, dict[str, Any]]:
-        tried: list[str] = []
-        attempts = 0
-        budget = self.budget
-        last_error: RoutingError | None = None
-        enqueued = time.monotonic()
-        while attempts < self.settings.max_attempts:
-            try:
-                # A retry keeps its place in the queue and jumps one class ahead.
-                backend = await self.admission.acquire(
-                    model,
-                    model_key,
-                    route.name,
-                    tried,
-                    rank=rank + (1 if attempts else 0),
-                    enqueued=enqueued,
-                    session=session,
-                )
-            except RoutingError as exc:
-                if last_error is not None and isinstance(exc, NoBackendError):
-                    raise last_error from None
-                raise
-            attempts += 1
-            tried.append(backend.id)
-            outcome = await self._attempt(
-                send,
-                backend,
-                method,
-                path,
-                headers,
-                body,
-                route,
-                request_id,
-                extra_headers,
-                started,
-                can_retry=attempts < self.settings.max_attempts,
-            )
-            if isinstance(outcome, tuple):
-                status, fields = outcome
-                fields["attempts"] = attempts
-                return status, backend.id, fields
-            # A retryable failure before any byte reached the client.
-            last_error = outcome
-            if isinstance(outcome, UpstreamStatusError) and not outcome.busy:
-                same = [b for b, e in refused if _alike(e, outcome)]
-                if same:
-                    for b in same:
-                        refused.remove(next(r for r in refused if r[0] is b))
-                    log.info(
-                        "backends refused the request alike; not counted against them",
-                        request_id=request_id,
-                        status=outcome.status,
-                        error=str(outcome),
-                        backends=[backend.id, *(b.id for b in same)],
-                    )
-                    break
-                refused.append((backend, outcome))
-            if isinstance(outcome, _Timeout):
-                break  # the backend may still be generating: a retry would double the work
-            if attempts >= self.settings.max_attempts or not budget.withdraw():
-                break
-            self.metrics.retries.labels(reason=_reason(outcome)).inc()
-        assert last_error is not None
-        raise last_error
 
     async def _attempt(
         self,

@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -30,6 +29,7 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from corral.sim.config import GIB
+from tests.conftest import require_tool
 from tests.integration.test_failover import poll
 
 pytestmark = pytest.mark.integration
@@ -73,17 +73,7 @@ SNAPSHOT_JS = """(() => {
 
 
 def chromium() -> str:
-    """The chromium binary; skip without it, except under CI, where that fails."""
-    path = shutil.which("chromium")
-    if path is None:
-        message = (
-            "chromium not found, so the status page cannot be rendered; install Debian's "
-            "chromium package (scripts/test-deps.sh does it as root)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_tool("chromium", "the status page cannot be rendered", "chromium")
 
 
 class Browser:

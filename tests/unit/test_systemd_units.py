@@ -10,8 +10,6 @@ depend on. EnvironmentFile= is only read when a unit starts; verify does not loo
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +19,7 @@ import pytest
 from corral import init_cmd
 from corral.config import ServerSettings
 from corral.gpu import GpuReading
+from tests.conftest import require_tool
 
 UNITS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 CORRAL = "corral.service"
@@ -31,17 +30,7 @@ BINARIES = ("/usr/local/bin/ollama", "/usr/local/bin/corral")
 
 
 def systemd_analyze() -> str:
-    """The path of systemd-analyze; skip without it, except under CI, where that fails."""
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        message = (
-            "systemd-analyze not found, so deploy/systemd/*.service cannot be verified; "
-            "install Debian's systemd package (scripts/test-deps.sh does it as root)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_tool("systemd-analyze", "deploy/systemd/*.service cannot be verified", "systemd")
 
 
 def unit_text(name: str) -> str:
