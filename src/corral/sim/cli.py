@@ -56,6 +56,16 @@ def sim_command(
     token_interval_ms: Annotated[float, typer.Option(help="Gap between tokens (ms).")] = 0.0,
     tokens: Annotated[int, typer.Option(help="Tokens per generation.")] = 16,
     load_ms: Annotated[float, typer.Option(help="Cold model load time (ms).")] = 0.0,
+    load_gbps: Annotated[
+        float, typer.Option(min=0, help="Load speed (GB/s): loads also take size / this.")
+    ] = 0.0,
+    prefill_tps: Annotated[
+        float,
+        typer.Option(min=0, help="Prompt tokens/s: TTFT also takes uncached tokens / this."),
+    ] = 0.0,
+    max_loaded_models: Annotated[
+        int, typer.Option(min=0, help="Models loaded at once before one is evicted (0: no cap).")
+    ] = 3,
     keep_alive_s: Annotated[float, typer.Option(help="Default keep_alive (s).")] = 300.0,
     num_parallel: Annotated[int, typer.Option(help="Parallel requests per model.")] = 4,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a load.")] = 512,
@@ -102,6 +112,9 @@ def sim_command(
         token_interval_s=token_interval_ms / 1000,
         tokens=tokens,
         load_s=load_ms / 1000,
+        load_gbps=load_gbps,
+        prefill_tps=prefill_tps,
+        max_loaded_models=max_loaded_models,
         keep_alive_s=keep_alive_s,
         num_parallel=num_parallel,
         max_queue=max_queue,

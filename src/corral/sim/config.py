@@ -190,6 +190,10 @@ class SimConfig:
 
     Times are seconds. ``num_parallel`` is per loaded model (extra requests queue without limit,
     as in Ollama); ``max_queue`` bounds only the requests waiting for a model load.
+    ``max_loaded_models`` caps the runners loaded at once (Ollama's ``OLLAMA_MAX_LOADED_MODELS``,
+    3 per GPU by default; 0 is no cap). A load takes ``load_s`` plus the runner's footprint at
+    ``load_gbps`` GB/s (0: no size-dependent part). Prompt processing takes ``ttft_s`` plus the
+    prompt tokens the slot's prompt cache does not hold at ``prefill_tps`` tokens/s (0: none).
     ``pull_delay_s`` is the pause between pull/push/create progress lines. ``check_host``
     rejects Host headers the way an Ollama bound to loopback does (403, empty body).
 
@@ -206,6 +210,9 @@ class SimConfig:
     token_interval_s: float = 0.0
     tokens: int = 16
     load_s: float = 0.0
+    load_gbps: float = 0.0
+    prefill_tps: float = 0.0
+    max_loaded_models: int = 3
     keep_alive_s: float = 300.0
     num_parallel: int = 4
     max_queue: int = 512
@@ -259,6 +266,9 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "token_interval_s": (int, float),
     "tokens": (int,),
     "load_s": (int, float),
+    "load_gbps": (int, float),
+    "prefill_tps": (int, float),
+    "max_loaded_models": (int,),
     "num_parallel": (int,),
     "keep_alive_s": (int, float),
     "max_queue": (int,),

@@ -8,13 +8,16 @@ from corral.sim.wire import Exchange, HTTPError, decode_body
 
 
 async def stats(sim: Sim, ex: Exchange) -> None:
-    """GET /_sim/stats."""
-    await ex.json(sim.stats.to_json())
+    """GET /_sim/stats: the request counters, and the scheduler's under ``scheduler``."""
+    doc = sim.stats.to_json()
+    doc["scheduler"] = sim.scheduler.counters.to_json()
+    await ex.json(doc)
 
 
 async def reset(sim: Sim, ex: Exchange) -> None:
-    """POST /_sim/reset: clear the counters and recent requests."""
+    """POST /_sim/reset: clear the counters (the scheduler's too) and recent requests."""
     sim.stats.reset()
+    sim.scheduler.counters.reset()
     await ex.json({"status": "reset"})
 
 

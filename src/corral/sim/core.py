@@ -11,11 +11,13 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
+from corral.sim.cache import CacheSlot, Tokens
 from corral.sim.config import SimConfig, SimModel, registry_models
 from corral.sim.names import name_key
 from corral.sim.scheduler import BUSY, Runner, Scheduler
 from corral.sim.stats import Stats
 from corral.sim.store import Store
+from corral.sim.text import output_tokens
 from corral.sim.wire import Exchange, HTTPError
 
 MODEL_ERROR = "an error was encountered while running the model"
@@ -47,6 +49,9 @@ class Job:
     slot unless ``slot=False``) and gives them back on every exit path, cancellation included."""
 
     __slots__ = (
+        "_cache_slot",
+        "_length_limited",
+        "_prompt",
         "_slot",
         "eval_count",
         "eval_ns",
@@ -78,6 +83,11 @@ class Job:
         self.keep_alive = keep_alive
         self.options = options
         self._slot = slot
+        self._cache_slot: CacheSlot | None = None
+        self._prompt: Tokens = ()
+        n = options.get("num_predict")
+        # Ending on num_predict, the last token is sampled but never fed back into the cache.
+        self._length_limited = isinstance(n, int | float) and not isinstance(n, bool) and n >= 0
         self.runner: Runner | None = None
         self.load_ns = 0
         self.prompt_ns = 0
@@ -102,6 +112,7 @@ class Job:
             except BaseException:
                 sched.release(runner)
                 raise
+            sched.counters.slot_taken()
         self.runner = runner
         self.load_ns = time.perf_counter_ns() - t
         if faults.slow_s > 0:
@@ -116,18 +127,47 @@ class Job:
         tb: TracebackType | None,
     ) -> None:
         runner, self.runner = self.runner, None
-        if runner is not None:
-            if self._slot:
-                runner.slots.release()
-            self.sim.scheduler.release(runner)
+        if runner is None:
+            return
+        cache_slot, self._cache_slot = self._cache_slot, None
+        if cache_slot is not None:
+            if self.prompt_ns:  # prefill done: the prompt and the tokens fed back since
+                fed = self.eval_count - (1 if self._length_limited and self.eval_count else 0)
+                cache_slot.tokens = self._prompt + output_tokens(fed)
+            cache_slot.in_use = False
+        if self._slot:
+            runner.slots.release()
+            self.sim.scheduler.counters.slot_freed()
+        self.sim.scheduler.release(runner)
 
-    async def prompt(self) -> None:
-        """Prompt processing: ``ttft_s``."""
+    async def prompt(self, tokens: Tokens | None = None, count: int = 0) -> int:
+        """Prompt processing: ``ttft_s`` plus the uncached prompt tokens at ``prefill_tps``.
+
+        ``tokens`` (generate and chat) go through the runner's prompt cache; ``count`` tokens
+        (embeddings) are all processed. Returns the prompt's token count, which is what Ollama
+        reports as ``prompt_eval_count`` whether or not part of it came from the cache: both
+        the Go runners (``numPromptInputs`` is the whole prompt, taken before the cache is
+        consulted) and llama-server since 0.30 (``cache_n + prompt_n``) count it whole.
+        """
         t = time.perf_counter_ns()
-        delay = self.sim.config.ttft_s
+        config = self.sim.config
+        cached = 0
+        if tokens is not None:
+            count = len(tokens)
+            if self.runner is not None:
+                capacity = max(1, config.num_parallel)
+                self._cache_slot, cached = self.runner.cache.take(tokens, capacity)
+        counters = self.sim.scheduler.counters
+        counters.prompt_tokens += count
+        counters.prompt_tokens_cached += cached
+        delay = config.ttft_s
+        if config.prefill_tps > 0:
+            delay += (count - cached) / config.prefill_tps
         if delay > 0:
             await asyncio.sleep(delay)
-        self.prompt_ns = time.perf_counter_ns() - t
+        self._prompt = tokens or ()
+        self.prompt_ns = max(1, time.perf_counter_ns() - t)
+        return count
 
     def fault_at(self, i: int) -> str | None:
         """The stream fault due once ``i`` tokens were sent (faults are read live)."""

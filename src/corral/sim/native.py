@@ -7,10 +7,10 @@ from typing import Any
 from corral.sim.core import Job, Sim, end_by_fault, num_predict
 from corral.sim.names import parse_name
 from corral.sim.text import (
-    chat_prompt_tokens,
+    chat_tokens,
     count_words,
     embedding,
-    prompt_tokens,
+    generate_tokens,
     text_of,
     token_json,
     truncate_dims,
@@ -139,7 +139,8 @@ async def generate(sim: Sim, ex: Exchange) -> None:
     stream = body.get("stream") is not False
     n, reason = num_predict(options, sim.config.tokens)
     context = body.get("context") or []
-    prompt_count = prompt_tokens(prompt, raw, body.get("system") or "") + len(context)
+    tokens = generate_tokens(prompt, raw, body.get("system") or "", context)
+    prompt_count = len(tokens)
     m = jstr(raw_name)
 
     async def line(i: int) -> None:
@@ -150,7 +151,7 @@ async def generate(sim: Sim, ex: Exchange) -> None:
         )
 
     async with Job(sim, ex, key, model, keep_alive, options) as job:
-        await job.prompt()
+        await job.prompt(tokens)
         fault = await job.tokens(n, line if stream else None)
         if fault is not None:
             await end_by_fault(ex, fault, _ERROR_LINE)
@@ -204,7 +205,8 @@ async def chat(sim: Sim, ex: Exchange) -> None:
         return
     stream = body.get("stream") is not False
     n, reason = num_predict(options, sim.config.tokens)
-    prompt_count = chat_prompt_tokens(messages)
+    tokens = chat_tokens(messages)
+    prompt_count = len(tokens)
     m = jstr(raw_name)
 
     async def line(i: int) -> None:
@@ -215,7 +217,7 @@ async def chat(sim: Sim, ex: Exchange) -> None:
         )
 
     async with Job(sim, ex, key, model, keep_alive, options) as job:
-        await job.prompt()
+        await job.prompt(tokens)
         fault = await job.tokens(n, line if stream else None)
         if fault is not None:
             await end_by_fault(ex, fault, _ERROR_LINE)
@@ -288,7 +290,7 @@ async def embed(sim: Sim, ex: Exchange) -> None:
     dims = body.get("dimensions") or 0
     async with Job(sim, ex, key, model, keep_alive, _options(body), slot=bool(inputs)) as job:
         if inputs:
-            await job.prompt()
+            await job.prompt(count=count)
         vectors: list[Any] = []
         for text in inputs:
             vec = embedding(model.name, text, model.embedding_length)
@@ -321,6 +323,6 @@ async def embeddings(sim: Sim, ex: Exchange) -> None:
         if not prompt:
             vector: Any = []
         else:
-            await job.prompt()
+            await job.prompt(count=count_words(prompt))
             vector = embedding(model.name, prompt, model.embedding_length, normalize=False)
     await ex.json({"embedding": vector})

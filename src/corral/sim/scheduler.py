@@ -1,6 +1,7 @@
 """Loaded models ("runners") the way Ollama's scheduler keeps them: one load at a time, a bounded
-load queue (503 beyond it), per-model parallel slots with an unbounded wait, keep-alive expiry,
-and a VRAM budget with eviction of idle runners and partial offload of an oversized first model.
+load queue (503 beyond it) that waits behind each load and eviction, a cap on loaded models,
+per-model parallel slots with an unbounded wait and a prompt cache, keep-alive expiry, and a
+VRAM budget with eviction and partial offload of an oversized first model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from corral.sim.cache import PromptCache
 from corral.sim.config import GIB, SimConfig, SimModel
 from corral.sim.store import details_of
 from corral.sim.wire import FOREVER_S, HTTPError, local_time
@@ -71,7 +73,9 @@ class Runner:
     """One loaded (or loading) model."""
 
     __slots__ = (
+        "cache",
         "context_length",
+        "evicted",
         "expires_at",
         "keep_alive_s",
         "key",
@@ -104,6 +108,12 @@ class Runner:
         self.refs = 0
         self.expires_at = 0.0
         self.slots = slots
+        self.cache = PromptCache()
+        self.evicted = False  # picked to make room for another model: counts as an eviction
+
+    def matches(self, want: tuple[int, int]) -> bool:
+        """Whether a request asking for ``(num_ctx, num_gpu)`` can use this runner as it is."""
+        return self.ready and (self.context_length, self.num_gpu) == want
 
     def expiry(self, now: float) -> float:
         """When it unloads; an estimate (now + keep_alive) while it is busy or loading."""
@@ -112,15 +122,93 @@ class Runner:
         return self.expires_at
 
 
+class Counters:
+    """What the scheduler did, for ``GET /_sim/stats``: loads started (a reload counts in both
+    ``loads`` and ``reloads``), runners evicted to make room for another model, prompt tokens
+    of inference requests and how many of them the prompt cache held, seconds with at least one
+    slot taken, and seconds spent loading."""
+
+    __slots__ = (
+        "_busy_since",
+        "_taken",
+        "busy_s",
+        "evictions",
+        "load_s",
+        "loads",
+        "prompt_tokens",
+        "prompt_tokens_cached",
+        "reloads",
+    )
+
+    def __init__(self) -> None:
+        self._taken = 0
+        self._busy_since = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero everything (slots taken now count as busy from now on)."""
+        self.loads = 0
+        self.reloads = 0
+        self.evictions = 0
+        self.prompt_tokens = 0
+        self.prompt_tokens_cached = 0
+        self.busy_s = 0.0
+        self.load_s = 0.0
+        self._busy_since = time.perf_counter()
+
+    def slot_taken(self) -> None:
+        """A request took a parallel slot."""
+        if self._taken == 0:
+            self._busy_since = time.perf_counter()
+        self._taken += 1
+
+    def slot_freed(self) -> None:
+        """A request gave its parallel slot back."""
+        self._taken -= 1
+        if self._taken == 0:
+            self.busy_s += time.perf_counter() - self._busy_since
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``scheduler`` object of ``GET /_sim/stats``."""
+        busy = self.busy_s
+        if self._taken:
+            busy += time.perf_counter() - self._busy_since
+        return {
+            "loads": self.loads,
+            "reloads": self.reloads,
+            "evictions": self.evictions,
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens_cached": self.prompt_tokens_cached,
+            "busy_s": round(busy, 6),
+            "load_s": round(self.load_s, 6),
+        }
+
+
 class Scheduler:
-    """All runners of one simulator, against its live ``SimConfig``."""
+    """All runners of one simulator, against its live ``SimConfig``.
+
+    As in Ollama's ``server/sched.go``: a request whose model is loaded with the options it
+    asks for goes straight to that runner (``getRunner``: no queue, no wait for a load in
+    progress). Any other request joins the one pending queue (bounded by ``max_queue``), which
+    is served one request at a time and in order (``processPending``): while the head of the
+    queue waits for an eviction or for its load, every request behind it waits too. The head
+    reuses its model's runner if an earlier request loaded it, reloads it when its options
+    differ, evicts one runner when ``max_loaded_models`` are loaded or the model does not fit
+    the free VRAM, and loads otherwise; the first model alone may load partially.
+
+    The runner to evict is the one ``findRunnerToUnload`` picks: runners sorted by keep-alive
+    (shortest first, forever last), then name; the first idle one, else the first one, which
+    is then marked to unload (keep-alive 0) as soon as its last request ends, while the queue
+    waits for the unload.
+    """
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.runners: dict[str, Runner] = {}
         self.pending = 0
+        self.counters = Counters()
         self._load_lock = asyncio.Lock()
-        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._unload_waiters: list[asyncio.Future[None]] = []
 
     def default_num_ctx(self) -> int:
         """Ollama's VRAM-tiered default context length."""
@@ -130,10 +218,22 @@ class Scheduler:
     def purge_expired(self, now: float | None = None) -> None:
         """Unload idle runners whose keep-alive has run out (checked lazily, per request)."""
         now = time.time() if now is None else now
-        for key in [
-            k for k, r in self.runners.items() if r.ready and r.refs == 0 and r.expires_at <= now
+        for runner in [
+            r for r in self.runners.values() if r.ready and r.refs == 0 and r.expires_at <= now
         ]:
-            del self.runners[key]
+            self._unload(runner)
+
+    def _unload(self, runner: Runner) -> None:
+        """Remove ``runner`` and wake the queue head waiting for an unload."""
+        if self.runners.get(runner.key) is not runner:
+            return
+        del self.runners[runner.key]
+        if runner.evicted:
+            self.counters.evictions += 1
+        waiters, self._unload_waiters = self._unload_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def _wants(self, model: SimModel, options: dict[str, Any]) -> tuple[int, int]:
         """The runner options a request asks for: (num_ctx, num_gpu); -1 is automatic."""
@@ -145,6 +245,13 @@ class Scheduler:
             num_gpu = -1
         return min(num_ctx, model.context_length), num_gpu
 
+    @staticmethod
+    def _use(runner: Runner, keep_alive: float | None) -> Runner:
+        runner.refs += 1
+        if keep_alive is not None:
+            runner.keep_alive_s = keep_alive
+        return runner
+
     async def acquire(
         self, key: str, model: SimModel, keep_alive: float | None, options: dict[str, Any]
     ) -> Runner:
@@ -155,86 +262,117 @@ class Scheduler:
         self.purge_expired()
         want = self._wants(model, options)
         runner = self.runners.get(key)
-        if runner is not None and runner.ready and (runner.context_length, runner.num_gpu) == want:
-            runner.refs += 1
-            if keep_alive is not None:
-                runner.keep_alive_s = keep_alive
-            return runner
+        if runner is not None and runner.matches(want):
+            return self._use(runner, keep_alive)
         if self.pending >= self.config.max_queue:
             raise HTTPError(503, BUSY)
         self.pending += 1
         try:
-            async with self._load_lock:
-                return await self._load(key, model, keep_alive, want)
+            async with self._load_lock:  # FIFO: the pending queue, served one at a time
+                return await self._schedule(key, model, keep_alive, want)
         finally:
             self.pending -= 1
 
-    async def _load(
+    async def _schedule(
         self, key: str, model: SimModel, keep_alive: float | None, want: tuple[int, int]
     ) -> Runner:
-        runner = self.runners.get(key)
-        if runner is not None and runner.ready and (runner.context_length, runner.num_gpu) == want:
-            runner.refs += 1  # loaded by the request ahead of us in the queue
-            if keep_alive is not None:
-                runner.keep_alive_s = keep_alive
-            return runner
-        if runner is not None:  # different runner options: reload once it is idle
-            while runner.refs > 0:
-                await self._wait_idle()
-            self.runners.pop(key, None)
+        """Serve the head of the pending queue: evict until the model can load, then load."""
+        reload = False
+        while True:
+            self.purge_expired()
+            runner = self.runners.get(key)
+            if runner is not None:
+                if runner.matches(want):
+                    return self._use(runner, keep_alive)  # loaded by a request ahead of us
+                reload = True
+                await self._unload_when_idle(runner)  # other options: reload it
+                continue
+            limit = self.config.max_loaded_models
+            need = self._need(model, want)
+            used = sum(r.size_vram for r in self.runners.values())
+            if not self.runners or (
+                not 0 < limit <= len(self.runners) and used + need <= self.config.vram_bytes
+            ):
+                return await self._load(key, model, keep_alive, want, need, reload)
+            victim = self.victim()
+            victim.evicted = True
+            await self._unload_when_idle(victim)
+
+    def victim(self) -> Runner:
+        """The runner Ollama's ``findRunnerToUnload`` picks (there is at least one)."""
+        ordered = sorted(self.runners.values(), key=lambda r: (r.keep_alive_s, r.model.name))
+        return next((r for r in ordered if r.refs == 0), ordered[0])
+
+    async def _unload_when_idle(self, runner: Runner) -> None:
+        """Set ``runner`` to unload when idle (at once if it is) and wait for an unload."""
+        runner.keep_alive_s = 0.0
+        if runner.refs == 0:
+            self._unload(runner)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unload_waiters.append(fut)
+        try:
+            # Idle runners whose keep-alive runs out meanwhile unload too; look again then.
+            timeout = min(
+                (r.expires_at for r in self.runners.values() if r.ready and r.refs == 0),
+                default=None,
+            )
+            if timeout is not None:
+                timeout = max(0.0, timeout - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+        finally:
+            if fut in self._unload_waiters:
+                self._unload_waiters.remove(fut)
+
+    def _need(self, model: SimModel, want: tuple[int, int]) -> int:
+        """VRAM bytes a runner with these options takes when it fits."""
+        num_gpu = want[1]
+        if num_gpu == 0:
+            return 0
+        if 0 < num_gpu < model.block_count:
+            return model.footprint_bytes * num_gpu // model.block_count
+        return model.footprint_bytes
+
+    def load_seconds(self, model: SimModel) -> float:
+        """How long loading ``model`` takes: ``load_s`` plus its footprint at ``load_gbps``."""
+        seconds = self.config.load_s
+        if self.config.load_gbps > 0:
+            seconds += model.footprint_bytes / (self.config.load_gbps * 1e9)
+        return seconds
+
+    async def _load(
+        self,
+        key: str,
+        model: SimModel,
+        keep_alive: float | None,
+        want: tuple[int, int],
+        need: int,
+        reload: bool,
+    ) -> Runner:
         num_ctx, num_gpu = want
         ka = self.config.keep_alive_s if keep_alive is None else keep_alive
         runner = Runner(
             key, model, num_ctx, num_gpu, ka, Slots(lambda: max(1, self.config.num_parallel))
         )
-        need = 0 if num_gpu == 0 else runner.size
-        if 0 < num_gpu < model.block_count:
-            need = runner.size * num_gpu // model.block_count
-        await self._make_room(need)
         used = sum(r.size_vram for r in self.runners.values())
         runner.size_vram = max(0, min(need, self.config.vram_bytes - used))
         runner.refs = 1
         self.runners[key] = runner  # visible in /api/ps while loading, as in Ollama
+        self.counters.loads += 1
+        self.counters.reloads += reload
+        delay = self.load_seconds(model)
+        start = time.perf_counter()
         try:
-            if self.config.load_s > 0:
-                await asyncio.sleep(self.config.load_s)
+            if delay > 0:
+                await asyncio.sleep(delay)
         except BaseException:
-            if self.runners.get(key) is runner:
-                del self.runners[key]
-            self._notify_idle()
+            self._unload(runner)
             raise
+        finally:
+            self.counters.load_s += time.perf_counter() - start
         runner.ready = True
         return runner
-
-    async def _make_room(self, need: int) -> None:
-        """Evict idle runners (shortest keep-alive, then name) until ``need`` bytes fit; wait
-        for one to go idle when none is. The only model may load partially instead."""
-        while True:
-            self.purge_expired()
-            used = sum(r.size_vram for r in self.runners.values())
-            if used + need <= self.config.vram_bytes or not self.runners:
-                return
-            idle = [r for r in self.runners.values() if r.refs == 0 and r.ready]
-            if idle:
-                victim = min(idle, key=lambda r: (r.keep_alive_s, r.model.name))
-                del self.runners[victim.key]
-                continue
-            await self._wait_idle()
-
-    async def _wait_idle(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._idle_waiters.append(fut)
-        try:
-            await fut
-        finally:
-            if fut in self._idle_waiters:
-                self._idle_waiters.remove(fut)
-
-    def _notify_idle(self) -> None:
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
 
     def release(self, runner: Runner) -> None:
         """Drop a reference; the last one starts the keep-alive timer (0 unloads at once)."""
@@ -242,11 +380,9 @@ class Scheduler:
         if runner.refs > 0:
             return
         if runner.keep_alive_s <= 0:
-            if self.runners.get(runner.key) is runner:
-                del self.runners[runner.key]
+            self._unload(runner)
         else:
             runner.expires_at = time.time() + min(runner.keep_alive_s, FOREVER_S)
-        self._notify_idle()
 
     def expire(self, key: str) -> None:
         """Unload ``key`` now if idle, else as soon as its last request ends (keep_alive 0)."""
@@ -255,8 +391,7 @@ class Scheduler:
             return
         runner.keep_alive_s = 0.0
         if runner.refs == 0:
-            del self.runners[key]
-            self._notify_idle()
+            self._unload(runner)
 
     def wake_all(self) -> None:
         """Re-check every slot queue (after ``num_parallel`` grew)."""

@@ -1,6 +1,10 @@
 """Deterministic "model output": tokens cycle through ``WORDS`` (token 0 is ``WORDS[0]``, token i
 is ``" " + WORDS[i % len(WORDS)]``), prompt token counts are word counts plus a fixed template
-overhead, and embeddings are seeded by the input text."""
+overhead, and embeddings are seeded by the input text.
+
+For the prompt cache a prompt is also a token sequence: the words of the rendered prompt with
+template markers around them, so that a chat follow-up that resends the history and the answer
+starts with exactly the tokens of the previous prompt and the words generated after it."""
 
 from __future__ import annotations
 
@@ -38,6 +42,10 @@ TEMPLATE_TOKENS = 10  # what a chat template adds around a prompt
 MESSAGE_TOKENS = 4  # per chat message (role header and end-of-turn)
 
 
+_START, _END, _EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+_REPLY = (_START, "assistant", _END)  # the generation prompt that ends every rendered prompt
+
+
 def token(i: int) -> str:
     """The text of token ``i``."""
     word = WORDS[i % len(WORDS)]
@@ -71,6 +79,49 @@ def chat_prompt_tokens(messages: list[Any]) -> int:
         content = msg.get("content") if isinstance(msg, dict) else None
         total += MESSAGE_TOKENS + (count_words(content) if isinstance(content, str) else 0)
     return total
+
+
+def output_tokens(n: int) -> tuple[str, ...]:
+    """The first ``n`` generated tokens as prompt tokens (their words)."""
+    return tuple(WORDS[i % len(WORDS)] for i in range(n))
+
+
+def generate_tokens(
+    prompt: str, raw: bool = False, system: str = "", context: list[Any] | None = None
+) -> tuple[str, ...]:
+    """The prompt of a generate request as tokens; as long as ``prompt_tokens`` counts, plus
+    one token per ``context`` entry (which comes first)."""
+    head = tuple(f"<{c}>" for c in context or ())
+    if raw:
+        return (*head, *prompt.split())
+    return (
+        *head,
+        _START,
+        "system",
+        _END,
+        *system.split(),
+        _EOT,
+        _START,
+        "user",
+        _END,
+        *prompt.split(),
+        *_REPLY,
+    )
+
+
+def chat_tokens(messages: list[Any]) -> tuple[str, ...]:
+    """The rendered chat prompt as tokens (``chat_prompt_tokens`` of them): each message's role
+    header, its words and an end-of-turn, then the assistant's header."""
+    out: list[str] = []
+    for msg in messages:
+        role = msg.get("role") if isinstance(msg, dict) else None
+        content = msg.get("content") if isinstance(msg, dict) else None
+        out += (_START, role if isinstance(role, str) else "", _END)
+        if isinstance(content, str):
+            out += content.split()
+        out.append(_EOT)
+    out += _REPLY
+    return tuple(out)
 
 
 def _seed(model: str, text: str) -> int:

@@ -12,14 +12,14 @@ from typing import Any
 from corral.sim.core import Job, Sim, end_by_fault, num_predict
 from corral.sim.names import owner_of, short_name
 from corral.sim.text import (
-    chat_prompt_tokens,
+    chat_tokens,
     count_words,
     embedding,
+    generate_tokens,
     text_of,
     token_json,
     truncate_dims,
 )
-from corral.sim.text import prompt_tokens as gen_prompt_tokens
 from corral.sim.wire import SSE_TYPE, Exchange, HTTPError, check_types, decode_body, dumps, jstr
 
 DONE = b"data: [DONE]\n\n"
@@ -73,7 +73,8 @@ async def chat_completions(sim: Sim, ex: Exchange) -> None:
     raw_name, key, model = _lookup(sim, ex, body)
     options = _options(body)
     n, reason = num_predict(options, sim.config.tokens)
-    prompt_count = chat_prompt_tokens(body["messages"])
+    tokens = chat_tokens(body["messages"])
+    prompt_count = len(tokens)
     created = int(time.time())
     cid = f"chatcmpl-{random.randint(0, 998)}"
     head = (
@@ -89,7 +90,7 @@ async def chat_completions(sim: Sim, ex: Exchange) -> None:
 
     stream = body.get("stream") is True
     async with Job(sim, ex, key, model, None, options) as job:
-        await job.prompt()
+        await job.prompt(tokens)
         fault = await job.tokens(n, event if stream else None)
         if fault is not None:
             # Ollama's writer turns the native error line into one empty delta, then stops.
@@ -138,7 +139,8 @@ async def completions(sim: Sim, ex: Exchange) -> None:
     raw_name, key, model = _lookup(sim, ex, body)
     options = _options(body)
     n, reason = num_predict(options, sim.config.tokens)
-    prompt_count = gen_prompt_tokens(body.get("prompt") or "")
+    tokens = generate_tokens(body.get("prompt") or "")
+    prompt_count = len(tokens)
     created = int(time.time())
     cid = f"cmpl-{random.randint(0, 998)}"
     usage = _include_usage(body)
@@ -156,7 +158,7 @@ async def completions(sim: Sim, ex: Exchange) -> None:
 
     stream = body.get("stream") is True
     async with Job(sim, ex, key, model, None, options) as job:
-        await job.prompt()
+        await job.prompt(tokens)
         fault = await job.tokens(n, event if stream else None)
         if fault is not None:
             err = f'{head}{{"text":"","index":0,"finish_reason":null}}{tail}'
@@ -211,8 +213,9 @@ async def v1_embeddings(sim: Sim, ex: Exchange) -> None:
     key, model = found
     dims = body.get("dimensions") or 0
     data = []
+    tokens = sum(count_words(t) for t in inputs)
     async with Job(sim, ex, key, model, None, {}) as job:
-        await job.prompt()
+        await job.prompt(count=tokens)
         for i, text in enumerate(inputs):
             vec: Any = embedding(model.name, text, model.embedding_length)
             if 0 < dims < len(vec):
@@ -220,7 +223,6 @@ async def v1_embeddings(sim: Sim, ex: Exchange) -> None:
             if fmt == "base64":
                 vec = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
             data.append({"object": "embedding", "embedding": vec, "index": i})
-    tokens = sum(count_words(t) for t in inputs)
     await ex.json(
         {
             "object": "list",
