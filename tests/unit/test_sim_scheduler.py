@@ -146,6 +146,111 @@ async def test_load_queue_limit_gives_503() -> None:
     s.release(ra)
 
 
+async def idle(s: Scheduler, m: SimModel, keep_alive: float | None = None) -> None:
+    """Load ``m`` (if needed) and leave it idle."""
+    s.release(await s.acquire(m.name, m, keep_alive, {}))
+
+
+async def test_fourth_model_evicts_the_idle_runner_ollama_picks() -> None:
+    """At three loaded models a fourth evicts the idle one with the shortest keep-alive, ties
+    broken by name; forever (negative keep_alive) goes last."""
+    a, b, c, d, e = (model(f"{n}:latest", 1) for n in "abcde")
+    s = sched(a, b, c, d, e, vram_gb=80)
+    await idle(s, a, math.inf)
+    await idle(s, b, 60)
+    await idle(s, c)
+    await idle(s, d)
+    assert sorted(s.runners) == ["a:latest", "c:latest", "d:latest"]
+    await idle(s, e)
+    assert sorted(s.runners) == ["a:latest", "d:latest", "e:latest"]
+    assert (s.counters.loads, s.counters.evictions) == (5, 2)
+
+
+async def test_fourth_model_waits_for_the_first_runner_in_order_when_all_are_busy() -> None:
+    """With three busy runners a fourth model waits for the first in eviction order to go idle;
+    another runner going idle meanwhile does not help it (as in Ollama)."""
+    a, b, c, d = (model(f"{n}:latest", 1) for n in "abcd")
+    s = sched(a, b, c, d, vram_gb=80)
+    ra, rb, rc = [await s.acquire(m.name, m, None, {}) for m in (a, b, c)]
+    task = asyncio.create_task(s.acquire("d:latest", d, None, {}))
+    await asyncio.sleep(0.02)
+    s.release(rb)
+    await asyncio.sleep(0.02)
+    assert not task.done()
+    assert ra.keep_alive_s == 0  # marked to unload when its last request ends
+    s.release(ra)
+    s.release(await asyncio.wait_for(task, 1))
+    assert sorted(s.runners) == ["b:latest", "c:latest", "d:latest"]
+    s.release(rc)
+
+
+async def test_no_cap_with_max_loaded_models_zero() -> None:
+    """max_loaded_models 0 loads as many models as VRAM holds."""
+    models = [model(f"{n}:latest", 1) for n in "abcde"]
+    s = sched(*models, vram_gb=80, max_loaded_models=0)
+    for m in models:
+        await idle(s, m)
+    assert len(s.runners) == 5
+
+
+async def test_vram_eviction_follows_the_same_order() -> None:
+    """When VRAM is short the victim is also the shortest keep-alive, then the first name."""
+    a, b, c = model("a:latest", 4), model("b:latest", 4), model("c:latest", 4)
+    s = sched(a, b, c)
+    await idle(s, b)
+    await idle(s, a)
+    await idle(s, c)
+    assert sorted(s.runners) == ["b:latest", "c:latest"]
+    assert s.counters.evictions == 1
+
+
+async def test_loaded_model_skips_the_queue_but_cold_requests_wait_behind_a_load() -> None:
+    """While one model loads, a request for a loaded model is served at once; a request that
+    needs another load waits until the first load is done (one pending queue)."""
+    a, b, c = model("a:latest", 1), model("b:latest", 1), model("c:latest", 1)
+    s = sched(a, b, c, vram_gb=80)
+    await idle(s, a)
+    s.config.load_s = 0.05
+    start = time.perf_counter()
+    tb = asyncio.create_task(s.acquire("b:latest", b, None, {}))
+    tc = asyncio.create_task(s.acquire("c:latest", c, None, {}))
+    await asyncio.sleep(0.01)
+    ra = await asyncio.wait_for(s.acquire("a:latest", a, None, {}), 0.02)
+    assert not tb.done()
+    assert s.pending == 2
+    rb = await tb
+    assert not tc.done()
+    rc = await tc
+    assert time.perf_counter() - start >= 0.1
+    for r in (ra, rb, rc):
+        s.release(r)
+    assert s.counters.load_s == pytest.approx(0.1, abs=0.05)
+
+
+async def test_load_time_follows_size() -> None:
+    """A load takes load_s plus the footprint at load_gbps."""
+    a = model("a:latest", 0.16)
+    s = sched(a, load_s=0.01, load_gbps=4)
+    assert s.load_seconds(a) == pytest.approx(0.05)
+    start = time.perf_counter()
+    await idle(s, a)
+    assert 0.05 <= time.perf_counter() - start < 0.3
+    assert sched(a).load_seconds(a) == 0
+
+
+async def test_other_num_ctx_reloads_and_counts() -> None:
+    """A request with another num_ctx reloads the runner: a load and a reload, no eviction."""
+    a = model("a:latest", 1)
+    s = sched(a)
+    await idle(s, a)
+    runner = await s.acquire("a:latest", a, None, {"num_ctx": 2048})
+    assert runner.context_length == 2048
+    assert s.runners["a:latest"] is runner
+    s.release(runner)
+    s.release(await s.acquire("a:latest", a, None, {"num_ctx": 2048}))
+    assert (s.counters.loads, s.counters.reloads, s.counters.evictions) == (2, 1, 0)
+
+
 async def test_slots_queue_fifo_and_cancel() -> None:
     """Slots beyond capacity wait in order; a cancelled waiter leaves the queue."""
     cap = [1]
@@ -223,6 +328,11 @@ def test_config_updates_are_validated() -> None:
         with pytest.raises(ValueError, match="field"):
             faults.update(bad)
     config = SimConfig()
+    config.update({"max_loaded_models": 1, "load_gbps": 2.5, "prefill_tps": 800})
+    assert (config.max_loaded_models, config.load_gbps, config.prefill_tps) == (1, 2.5, 800)
+    assert config.timing_json()["max_loaded_models"] == 1
+    with pytest.raises(ValueError, match="field"):
+        config.update({"max_loaded_models": 1.5})
     with pytest.raises(ValueError, match="num_parallel"):
         config.update({"tokens": 3, "num_parallel": 0})
     assert config.tokens == 16
