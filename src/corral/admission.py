@@ -51,6 +51,7 @@ class Waiter:
     seq: int
     future: asyncio.Future[BackendState] = field(repr=False)
     session: str | None = None
+    num_ctx: int | None = None
 
     def effective(self, now: float, aging_s: float) -> float:
         """Class rank, raised by one class for every ``aging_s`` waited (so low never starves)."""
@@ -111,6 +112,7 @@ class Admission:
         rank: int = 1,
         enqueued: float | None = None,
         session: str | None = None,
+        num_ctx: int | None = None,
     ) -> BackendState:
         """A backend with one slot already reserved for the caller (release it when done).
 
@@ -122,14 +124,14 @@ class Admission:
             raise NoBackendError(self.closed_reason, self._retry_after())
         if not self._count or not any(self._classes[r] for r in range(rank, len(self._classes))):
             # Nobody waits ahead of this request: take a free slot if there is one.
-            backend = self.router.pick(model, model_key, route, exclude, session)
+            backend = self.router.pick(model, model_key, route, exclude, session, num_ctx)
             if backend is not None:
                 self.registry.reserve(backend)
                 return backend
         else:
             # Others wait: check the request is servable at all before queueing it.
             self.router.eligible(model_key, exclude)
-        return await self._wait(model, model_key, route, exclude, rank, enqueued, session)
+        return await self._wait(model, model_key, route, exclude, rank, enqueued, session, num_ctx)
 
     async def _wait(
         self,
@@ -140,6 +142,7 @@ class Admission:
         rank: int,
         enqueued: float | None,
         session: str | None = None,
+        num_ctx: int | None = None,
     ) -> BackendState:
         if self._count >= self.settings.max_size:
             self._reject("queue_full")
@@ -156,10 +159,15 @@ class Admission:
             next(self._seq),
             loop.create_future(),
             session,
+            num_ctx,
         )
         self._add(waiter)
         gauge = self.metrics.queue_depth.labels(priority=PRIORITY_NAMES[rank])
         gauge.inc()
+        demand = self.router.demand if model_key is not None else None
+        if demand is not None:
+            assert model_key is not None
+            demand.queue(model_key, 1)
         self.dispatch()  # a slot may be free for this request already
         try:
             remaining = waiter.enqueued + self.settings.timeout_s - now
@@ -182,6 +190,9 @@ class Admission:
             if not waiter.future.done():
                 waiter.future.cancel()
             gauge.dec()
+            if demand is not None:
+                assert model_key is not None
+                demand.queue(model_key, -1)
             self.metrics.queue_wait.observe(self._clock() - now)
 
     def dispatch(self) -> None:
@@ -202,7 +213,13 @@ class Admission:
                         continue
                     try:
                         servable = bool(
-                            self.router.free(waiter.model, waiter.model_key, waiter.exclude)
+                            self.router.free(
+                                waiter.model,
+                                waiter.model_key,
+                                waiter.exclude,
+                                waiter.route,
+                                waiter.num_ctx,
+                            )
                         )
                     except RoutingError:
                         servable = False  # its backends are down: it waits for its deadline
@@ -212,7 +229,7 @@ class Admission:
             if best is None:
                 return
             backend = self.router.pick(
-                best.model, best.model_key, best.route, best.exclude, best.session
+                best.model, best.model_key, best.route, best.exclude, best.session, best.num_ctx
             )
             if backend is None:  # pragma: no cover - free() just said otherwise
                 return

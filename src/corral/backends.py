@@ -33,6 +33,7 @@ class BackendState:
     id: str
     url: str
     max_concurrent: int = 4
+    max_loaded_models: int = 3  # the Ollama's OLLAMA_MAX_LOADED_MODELS (0: no limit)
     weight: float | None = None
     gpu: int | str | list[int | str] | None = None
     gpu_metrics_url: str | None = None
@@ -65,6 +66,9 @@ class BackendState:
     resident: dict[str, dict[str, Any]] = field(default_factory=dict)  # from /api/ps
     model_sizes: dict[str, int] = field(default_factory=dict)  # bytes, from /api/tags
     loading: dict[str, float] = field(default_factory=dict)  # model -> since (monotonic)
+    # The num_ctx of the request that made corral load a model here (Ollama may cap it, so
+    # /api/ps can show less than was asked).
+    loaded_ctx: dict[str, int] = field(default_factory=dict)
     # Kept current by the GPU poller (None: unknown, and routing does not guess).
     gpu_hot: bool = False
     vram_total_bytes: int | None = None
@@ -80,6 +84,7 @@ class BackendState:
             id=cfg.id,
             url=cfg.url,
             max_concurrent=cfg.max_concurrent,
+            max_loaded_models=cfg.max_loaded_models,
             weight=cfg.weight,
             gpu=cfg.gpu,
             gpu_metrics_url=cfg.gpu_metrics_url,
@@ -96,6 +101,7 @@ class BackendState:
             "id": self.id,
             "url": self.url,
             "max_concurrent": self.max_concurrent,
+            "max_loaded_models": self.max_loaded_models,
             "weight": self.weight,
             "gpu": self.gpu,
             "gpu_metrics_url": self.gpu_metrics_url,

@@ -61,6 +61,9 @@ class BalancerSettings(_Section):
     affinity_spill_abs: float = Field(2, ge=0)
     affinity_spill_ratio: float = Field(1.5, ge=1)
     session_affinity: bool = True
+    # Demand per model is averaged over this window: a new copy of a model is loaded when the
+    # requests for it exceeded what its holders serve over it, not on one burst.
+    demand_window_s: float = Field(30, gt=0)
     max_attempts: int = Field(3, ge=1, le=10)
     retry_budget_ratio: float = Field(0.2, ge=0, le=1)
     retry_budget_min: float = Field(3, ge=0)
@@ -184,6 +187,9 @@ class BackendSettings(_Section):
     gpu_metrics_url: str | None = None
     weight: float | None = Field(None, gt=0)
     max_concurrent: int = Field(4, ge=1)
+    # The Ollama's OLLAMA_MAX_LOADED_MODELS: at most this many models loaded at once (0: no
+    # limit). Ollama's default is 3 per GPU.
+    max_loaded_models: int = Field(3, ge=0)
     fallback: bool = False
 
     @field_validator("url")

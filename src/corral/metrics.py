@@ -135,6 +135,35 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.context_reloads = Counter(
+            "corral_context_reloads",
+            "Requests sent to a backend whose runner of their model has another context length "
+            "than their options.num_ctx (Ollama reloads the model for them).",
+            ["backend"],
+            registry=r,
+        )
+        self.context_reloads_avoided = Counter(
+            "corral_context_reloads_avoided",
+            "Requests sent to a runner with their num_ctx while another eligible backend's "
+            "runner of the model had another context length.",
+            ["backend"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "corral_prompt_tokens",
+            "Prompt tokens of completed requests, from Ollama's prompt_eval_count "
+            "(OpenAI usage.prompt_tokens).",
+            ["backend"],
+            registry=r,
+        )
+        self.prompt_tokens_cached = Counter(
+            "corral_prompt_tokens_cached",
+            "Prompt tokens read from the backend's prompt cache instead of computed, from "
+            "Ollama's prompt_eval_cached_count (OpenAI usage.prompt_tokens_details.cached_tokens)"
+            ": divided by corral_prompt_tokens_total, the prompt-cache hit share.",
+            ["backend"],
+            registry=r,
+        )
         self.placement_actions = Counter(
             "corral_placement_actions",
             "Model placement changes per backend by action: preload, keep_warm, unload, evict "

@@ -228,6 +228,10 @@ class OllamaFront:
                 await self._fail(send, 404, "model '' not found", openai, request_id)
             return
         session = session_key(_header(scope, b"x-session-id"), spec.name, data)
+        options = data.get("options")
+        num_ctx = options.get("num_ctx") if isinstance(options, dict) else None
+        if isinstance(num_ctx, bool) or not isinstance(num_ctx, int) or num_ctx <= 0:
+            num_ctx = None  # absent or invalid: Ollama's default (it answers a bad one itself)
         await self._dispatch(
             scope,
             receive,
@@ -240,6 +244,7 @@ class OllamaFront:
             "POST",
             scope["path"],
             session,
+            num_ctx,
         )
 
     async def _dispatch(
@@ -255,6 +260,7 @@ class OllamaFront:
         method: str,
         path: str,
         session: str | None = None,
+        num_ctx: int | None = None,
     ) -> None:
         openai = spec.openai
         try:
@@ -304,6 +310,7 @@ class OllamaFront:
                 extra_headers=[],
                 rank=rank,
                 session=session,
+                num_ctx=num_ctx,
             )
         except RoutingError as exc:
             status = exc.status

@@ -53,6 +53,11 @@ _RESPONSE_SKIP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "date", "server"}
 )
 _EVAL_COUNT = re.compile(rb'"(?:eval_count|completion_tokens)":\s*(\d+)')
+# Ollama's final-chunk metrics (OpenAI usage) that tell corral how the backend served.
+_FINAL_STATS = re.compile(
+    rb'"(load_duration|prompt_eval_count|prompt_eval_cached_count|prompt_eval_duration'
+    rb'|prompt_tokens|cached_tokens)":\s*(\d+)'
+)
 _BUSY = b"server busy"
 
 
@@ -131,6 +136,30 @@ class Forwarder:
         self.metrics = metrics
         self.settings = settings
         self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
+        self.router = admission.router
+        self.demand = admission.router.demand
+
+    def _learn(
+        self, backend: BackendState, model_key: str | None, stats: dict[str, int], cold: bool
+    ) -> None:
+        """What the final chunk says of the backend: prompt tokens and cache hits (counted),
+        its load speed (after a cold load) and its prefill speed."""
+        prompt = stats.get("prompt_eval_count", stats.get("prompt_tokens", 0))
+        cached = stats.get("prompt_eval_cached_count", stats.get("cached_tokens", 0))
+        if prompt:
+            self.metrics.child(self.metrics.prompt_tokens, backend.id).inc(prompt)
+            if cached:
+                self.metrics.child(self.metrics.prompt_tokens_cached, backend.id).inc(
+                    min(cached, prompt)
+                )
+        prefill_ns = stats.get("prompt_eval_duration", 0)
+        if prefill_ns and prompt > cached:
+            self.demand.observe_prefill(backend.id, prompt - cached, prefill_ns / 1e9)
+        load_ns = stats.get("load_duration", 0)
+        if cold and model_key is not None and load_ns > 250_000_000:
+            size = self.router.model_size(model_key)
+            if size:
+                self.demand.observe_load(backend.id, size, load_ns / 1e9)
 
     async def forward(
         self,
@@ -147,6 +176,7 @@ class Forwarder:
         extra_headers: list[tuple[bytes, bytes]],
         rank: int = 1,
         session: str | None = None,
+        num_ctx: int | None = None,
     ) -> tuple[int, str | None, dict[str, Any]]:
         """Serve the request; returns (status, backend id, log fields). Raises RoutingError
         only while nothing has been sent to the client."""
@@ -173,6 +203,7 @@ class Forwarder:
                         rank=rank + (1 if attempts else 0),
                         enqueued=enqueued,
                         session=session,
+                        num_ctx=num_ctx,
                     )
                 except RoutingError as exc:
                     if last_error is not None and isinstance(exc, NoBackendError):
@@ -180,22 +211,37 @@ class Forwarder:
                     raise
                 attempts += 1
                 tried.append(backend.id)
-                outcome = await self._attempt(
-                    send,
-                    backend,
-                    method,
-                    path,
-                    headers,
-                    body,
-                    route,
-                    request_id,
-                    extra_headers,
-                    started,
-                    can_retry=attempts < self.settings.max_attempts,
-                )
+                demand_key = model_key if model_key is not None and route.name != "show" else None
+                cold = demand_key is not None and demand_key not in backend.resident
+                if demand_key is not None:
+                    self.demand.start(backend.id, demand_key)
+                held_s: float | None = None
+                dispatched = time.perf_counter()
+                try:
+                    outcome = await self._attempt(
+                        send,
+                        backend,
+                        method,
+                        path,
+                        headers,
+                        body,
+                        route,
+                        request_id,
+                        extra_headers,
+                        started,
+                        can_retry=attempts < self.settings.max_attempts,
+                    )
+                    if isinstance(outcome, tuple):
+                        held_s = time.perf_counter() - dispatched
+                finally:
+                    if demand_key is not None:
+                        self.demand.end(backend.id, demand_key, held_s)
                 if isinstance(outcome, tuple):
                     status, fields = outcome
                     fields["attempts"] = attempts
+                    stats = fields.pop("stats", None)
+                    if stats:
+                        self._learn(backend, demand_key, stats, cold)
                     return status, backend.id, fields
                 # A retryable failure before any byte reached the client.
                 last_error = outcome
@@ -362,10 +408,12 @@ class Forwarder:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         now = time.perf_counter()
         tokens = 0
+        stats: dict[str, int] = {}
         if ok and status == 200:
             counts = _EVAL_COUNT.findall(tail)
             if counts:
                 tokens = int(counts[-1])
+            stats = {k.decode(): int(v) for k, v in _FINAL_STATS.findall(tail)}
             # The backend's speed: from dispatch, so time spent in corral's queue (no fault of
             # this backend's) does not make it look slow to least_response_time and score.
             backend.ttft.observe(first_at - dispatched)
@@ -374,6 +422,8 @@ class Forwarder:
         prev = backend.avg_response_time
         backend.avg_response_time = served if prev is None else prev * 0.9 + served * 0.1
         fields: dict[str, Any] = {"ttft_s": round(ttft, 6), "tokens": tokens}
+        if ok and status == 200 and stats:
+            fields["stats"] = stats
         if error is not None:
             fields["error"] = error
         return (status if error is None else 502), fields

@@ -9,10 +9,22 @@ from typing import Any
 from corral import inventory
 from corral.backends import BackendRegistry, BackendState, Clock
 from corral.config import BalancerSettings
+from corral.costs import Costs, LoadCost, holding
+from corral.demand import Demand
 from corral.errors import ModelNotFoundError, NoBackendError
 from corral.metrics import Metrics
 from corral.sessions import SessionMap
 from corral.strategies import RequestInfo, Strategy, create_strategy, weight_for_vram
+
+# A new copy of a model is loaded on a burst alone only when waiting for a holder is
+# expected to take this many times longer than the load.
+COPY_ON_WAIT = 3.0
+
+
+def _rank(option: LoadCost) -> tuple[bool, float, int]:
+    """Among backends that could load a model: no CPU offload, then the least cost (to 0.1 s),
+    then the most free memory (big models to big GPUs)."""
+    return (option.partial, round(option.total_s, 1), -(option.backend.vram_free_bytes or 0))
 
 
 class Router:
@@ -32,6 +44,10 @@ class Router:
         self.metrics = metrics
         self._cold_loads = metrics.cold_loads if metrics else None
         self._cold_avoided = metrics.cold_loads_avoided if metrics else None
+        self._reloads = metrics.context_reloads if metrics else None
+        self._reloads_avoided = metrics.context_reloads_avoided if metrics else None
+        self.demand = Demand(window_s=settings.demand_window_s, clock=clock)
+        self.costs = Costs(self.demand)
         self._sessions = SessionMap(clock=clock)
         self.strategy: Strategy = create_strategy(
             settings.strategy, score_weights=settings.score_weights
@@ -75,13 +91,11 @@ class Router:
             raise NoBackendError("no healthy backend available")
         return []
 
-    def free(
+    def open_slots(
         self, model: str, model_key: str | None, exclude: Collection[str] = ()
-    ) -> list[BackendState]:
-        """The backends :meth:`pick` would choose among now (empty: wait). No strategy call.
-
-        Raises ModelNotFoundError / NoBackendError as :meth:`eligible` does.
-        """
+    ) -> tuple[list[BackendState], list[BackendState]]:
+        """(eligible, those with a free slot that may take the request), before any model
+        preference. Raises as :meth:`eligible` does; ModelNotFoundError when none is left."""
         eligible = self.eligible(model_key, exclude)
         if not eligible:
             raise ModelNotFoundError(model)
@@ -92,7 +106,28 @@ class Router:
         free = [b for b in eligible if b.in_flight < b.max_concurrent]
         primary = [b for b in free if not b.fallback]
         # A fallback (a CPU-only Ollama) serves only when no GPU backend can: all down or full.
-        return primary or free
+        return eligible, primary or free
+
+    def free(
+        self,
+        model: str,
+        model_key: str | None,
+        exclude: Collection[str] = (),
+        route: str = "",
+        num_ctx: int | None = None,
+    ) -> list[BackendState]:
+        """The backends :meth:`pick` would choose among now (empty: wait). No strategy call.
+
+        With model affinity, a request waits for a backend holding its model rather than
+        start a cold load that costs more than the wait (see corral.costs).
+        Raises ModelNotFoundError / NoBackendError as :meth:`eligible` does.
+        """
+        eligible, free = self.open_slots(model, model_key, exclude)
+        if not free or model_key is None or route == "show" or free[0].fallback:
+            return free  # (only fallbacks are free when every GPU backend is down or full)
+        if not self.settings.model_affinity:
+            return self._prefer_room(free, model_key)
+        return self._affine(eligible, free, model_key, num_ctx)
 
     def pick(
         self,
@@ -101,45 +136,36 @@ class Router:
         route: str,
         exclude: Collection[str] = (),
         session: str | None = None,
+        num_ctx: int | None = None,
     ) -> BackendState | None:
-        """A backend with a free slot, or None when every eligible backend is full.
+        """A backend with a free slot, or None when the request should wait.
 
         Raises ModelNotFoundError / NoBackendError as :meth:`eligible` does.
         """
-        free = self.free(model, model_key, exclude)
+        free = self.free(model, model_key, exclude, route, num_ctx)
         if not free:
             return None
         loads_model = model_key is not None and route != "show"
-        chosen = self._choose(free, model, model_key, route, session if loads_model else None)
+        chosen = self._choose(free, model, route, session if loads_model else None)
         if loads_model:
             assert model_key is not None
-            self._note(chosen, free, model_key, session)
+            self._note(chosen, model_key, session, num_ctx, exclude)
         return chosen
 
     def _choose(
-        self,
-        free: list[BackendState],
-        model: str,
-        model_key: str | None,
-        route: str,
-        session: str | None,
+        self, free: list[BackendState], model: str, route: str, session: str | None
     ) -> BackendState:
         if len(free) == 1:
             return free[0]
-        # The least loaded eligible backend's load (in-flight share), computed once per pick.
-        least = min(b.in_flight / b.max_concurrent for b in free)
         if session is not None and self.settings.session_affinity:
             held = self._sessions.get(session)
             backend = next((b for b in free if b.id == held), None)
-            if backend is not None and not self._spills(backend, least):
-                return backend
-        if model_key is not None and route != "show":
-            if self.settings.model_affinity:
-                free = self._affine(free, model_key, least)
-            else:
-                free = self._prefer_room(free, model_key)
-        if len(free) == 1:
-            return free[0]
+            if backend is not None:
+                # The conversation's prompt is cached there: keep it unless that backend is
+                # far busier than the others it could go to.
+                least = min(b.in_flight / b.max_concurrent for b in free)
+                if not self._spills(backend, least):
+                    return backend
         by_id = {b.id: b for b in free}
         chosen = self.strategy.select(
             [b.candidate(self.weight_of(b)) for b in free], RequestInfo(model=model, route=route)
@@ -155,41 +181,82 @@ class Router:
             and load > least * self.settings.affinity_spill_ratio
         )
 
-    def _affine(self, free: list[BackendState], model_key: str, least: float) -> list[BackendState]:
-        """Hot-model affinity with bounded load, then VRAM-aware placement of a cold model."""
+    def _affine(
+        self,
+        eligible: list[BackendState],
+        free: list[BackendState],
+        model_key: str,
+        num_ctx: int | None,
+    ) -> list[BackendState]:
+        """Hot-model affinity: a free backend holding the model; else wait for one, unless a
+        new copy is worth its cost; a model held nowhere goes where loading it costs least."""
+        now = self._clock()
+        free_ids = {b.id for b in free}
         on_gpu: list[BackendState] = []
         partial: list[BackendState] = []
-        for b in free:
-            if model_key in b.loading:
+        for b in eligible:
+            held = holding(b, model_key, num_ctx)
+            if held in ("gpu", "loading"):
                 on_gpu.append(b)
-            elif model_key in b.resident:
-                where = inventory.where(b, model_key)
-                if where == "gpu":
-                    on_gpu.append(b)
-                elif where == "partial":
-                    partial.append(b)
+            elif held == "partial":
+                partial.append(b)
         for tier in (on_gpu, partial):
-            kept = [b for b in tier if not self._spills(b, least)]
-            if kept:
-                return kept
-        if not on_gpu and not partial:
-            return self._roomiest(free, model_key, least)
-        # On a GPU but too busy there: a second copy elsewhere is worth its load, unless it
-        # would evict another model; then the holders keep it while they have a free slot.
-        holding = {b.id for b in on_gpu} | {b.id for b in partial}
-        others = [b for b in free if b.id not in holding and b.has_room(model_key)]
-        return self._roomiest(others, model_key, least) if others else on_gpu + partial
+            open_ = [b for b in tier if b.id in free_ids]
+            if not open_:
+                continue
+            # A holder whose Ollama is loading another model serves nothing until it ends.
+            ready = [b for b in open_ if self.costs.stall_s(b, model_key, now) <= 0] or open_
+            least = min(b.in_flight / b.max_concurrent for b in ready)
+            return [b for b in ready if not self._spills(b, least)]
+        holders = on_gpu or partial
+        others = [b for b in free if b not in holders]
+        if not others:
+            return []  # wait for a holder (or any backend) to free a slot
+        size = self.model_size(model_key)
+        options = [self.costs.load(b, model_key, size, now, b.max_loaded_models) for b in others]
+        if holders:
+            # Every holder is full. A second copy only where it evicts nothing in demand and
+            # stalls nothing, when waiting would cost more, and when demand has exceeded
+            # what the holders serve over the window (or the wait is far longer than a load).
+            copies = [o for o in options if not (o.evicts_in_demand or o.blocked or o.partial)]
+            if not copies:
+                return []
+            best = min(copies, key=lambda o: o.total_s)
+            wait = self.costs.holder_wait_s(holders, model_key, now)
+            if wait > best.total_s and (
+                wait > COPY_ON_WAIT * best.total_s or self.costs.needs_copy(holders, model_key)
+            ):
+                return [best.backend]
+            return []
+        # Held nowhere: where the load costs least; a backend that is full now but would
+        # cost less after its next free slot is worth waiting for.
+        busy_options = [
+            self.costs.load(b, model_key, size, now, b.max_loaded_models)
+            for b in eligible
+            if b.id not in free_ids and not b.fallback
+        ]
+        best = min(options, key=_rank)
+        if busy_options:
+            later = min(busy_options, key=_rank)
+            slot_wait = self.demand.service_s(later.backend.id, model_key) / (
+                later.backend.max_concurrent
+            )
+            if _rank(later)[:1] <= _rank(best)[:1] and (
+                later.total_s + slot_wait < best.total_s / COPY_ON_WAIT
+            ):
+                return []
+        return [o.backend for o in options if _rank(o) == _rank(best)]
 
-    def _roomiest(
-        self, free: list[BackendState], model_key: str, least: float
-    ) -> list[BackendState]:
-        """A model loaded nowhere: the GPU with the most free memory for it (bounded load)."""
-        room = self._prefer_room(free, model_key)
-        known = [b for b in room if b.vram_free_bytes is not None and not self._spills(b, least)]
-        if len(known) < len(room):
-            return room  # some GPUs unknown: no basis to rank them
-        most = max(b.vram_free_bytes or 0 for b in known)
-        return [b for b in known if b.vram_free_bytes == most]
+    def model_size(self, model_key: str) -> int | None:
+        """The model's footprint: its /api/ps size where it is loaded, else its file size."""
+        size: int | None = None
+        for b in self.registry.all():
+            entry = b.resident.get(model_key)
+            found = entry.get("size") if entry else None
+            if isinstance(found, int) and found > 0:
+                return found
+            size = size or b.model_sizes.get(model_key)
+        return size
 
     @staticmethod
     def _prefer_room(free: list[BackendState], model_key: str) -> list[BackendState]:
@@ -200,17 +267,34 @@ class Router:
     def _note(
         self,
         chosen: BackendState,
-        free: list[BackendState],
         model_key: str,
         session: str | None,
+        num_ctx: int | None,
+        exclude: Collection[str],
     ) -> None:
-        """Count a cold load performed or avoided; remember the conversation's backend."""
-        if model_key in chosen.resident or model_key in chosen.loading:
-            if any(model_key not in b.resident and model_key not in b.loading for b in free):
+        """Count a cold load or context reload performed or avoided; remember the
+        conversation's backend."""
+        now = self._clock()
+        held = holding(chosen, model_key, num_ctx)
+        others = [b for b in self.registry.all() if b is not chosen and b.id not in exclude]
+        if held in ("gpu", "partial", "cpu", "loading"):
+            if any(model_key not in b.resident and model_key not in b.loading for b in others):
                 self._count(self._cold_avoided, chosen.id)
+            if num_ctx is not None and any(
+                holding(b, model_key, num_ctx) == "other_ctx" for b in others
+            ):
+                self._count(self._reloads_avoided, chosen.id)
         else:
-            inventory.mark_loading(chosen, model_key, self._clock())
-            self._count(self._cold_loads, chosen.id)
+            if held == "other_ctx":
+                self._count(self._reloads, chosen.id)
+                chosen.loading[model_key] = now
+            else:
+                inventory.mark_loading(chosen, model_key, now)
+                self._count(self._cold_loads, chosen.id)
+            if num_ctx is not None:
+                chosen.loaded_ctx[model_key] = num_ctx
+            else:
+                chosen.loaded_ctx.pop(model_key, None)
         if session is not None and self.settings.session_affinity:
             self._sessions.put(session, chosen.id)
 

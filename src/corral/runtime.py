@@ -94,6 +94,7 @@ class Runtime:
                     id=str(record["id"]),
                     url=str(record["url"]),
                     max_concurrent=int(record.get("max_concurrent") or 4),
+                    max_loaded_models=int(record.get("max_loaded_models", 3)),
                     weight=record.get("weight"),
                     gpu=record.get("gpu"),
                     gpu_metrics_url=record.get("gpu_metrics_url"),
@@ -113,6 +114,7 @@ class Runtime:
             return
         if event == "removed":
             self.metrics.forget_backend(backend.id)
+            self.router.demand.forget(backend.id)
             log.info("backend removed", backend=backend.id)
         elif event == "added":
             log.info("backend added", backend=backend.id, url=backend.url)

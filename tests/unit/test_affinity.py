@@ -94,29 +94,40 @@ def test_a_loaded_model_stays_on_its_backend_and_cold_loads_are_counted() -> Non
     assert "n:latest" in first.loading
 
 
-def test_bounded_load_spills_to_a_second_backend() -> None:
-    """The resident backend keeps requests up to 2 more in flight than the least loaded one;
-    beyond that (and 1.5 times its load) the next request goes elsewhere."""
+def test_bounded_load_among_the_backends_holding_the_model() -> None:
+    """Of two backends holding the model, the busier one keeps requests up to 2 more in flight
+    than the other; beyond that (and 1.5 times its load) they go to the other holder."""
+    hot = loaded(backend("hot", "m", max_concurrent=4), "m")
+    warm = loaded(backend("warm", "m", max_concurrent=4), "m")
+    r, _ = router(hot, warm, strategy="round_robin")
+    warm.in_flight = 0
+    hot.in_flight = 3
+    assert all(pick(r) is warm for _ in range(5))
+    hot.in_flight = 2
+    assert {pick(r).id for _ in range(30)} == {"hot", "warm"}
+
+
+def test_a_free_holder_is_used_and_a_full_one_is_waited_for() -> None:
+    """A holder with a free slot takes the request however busy it is (a cold load elsewhere
+    would cost more); a full holder is waited for rather than loading a copy on one burst."""
     hot = loaded(backend("hot", "m", max_concurrent=4), "m")
     cold = backend("cold", "m", max_concurrent=4)
     r, _ = router(hot, cold)
-    for in_flight in (0, 1, 2):
-        hot.in_flight = in_flight
-        assert pick(r) is hot
     hot.in_flight = 3
-    assert pick(r) is cold  # spilled: cold now loads a second copy
-    cold.in_flight = 1
-    assert pick(r) in (hot, cold)  # both hold it now (cold is loading): the strategy decides
+    assert pick(r) is hot
+    hot.in_flight = 4
+    assert r.pick("m", "m:latest", "generate") is None
+    assert cold.loading == {}
 
 
 def test_spill_bound_is_configurable() -> None:
     hot = loaded(backend("hot", "m", max_concurrent=8), "m")
-    cold = backend("cold", "m", max_concurrent=8)
-    r, _ = router(hot, cold, affinity_spill_abs=5)
+    warm = loaded(backend("warm", "m", max_concurrent=8), "m")
+    r, _ = router(hot, warm, strategy="round_robin", affinity_spill_abs=5)
     hot.in_flight = 5
-    assert pick(r) is hot
+    assert {pick(r).id for _ in range(30)} == {"hot", "warm"}
     hot.in_flight = 6
-    assert pick(r) is cold
+    assert all(pick(r) is warm for _ in range(10))
 
 
 def test_gpu_resident_beats_partial_and_cpu_resident() -> None:
@@ -210,22 +221,19 @@ def test_session_map_is_bounded_and_forgets() -> None:
     assert sessions.get("y") is None
 
 
-def test_no_spill_that_would_evict_while_the_holder_has_a_slot() -> None:
-    """Every other GPU is full of other models: the busy holder keeps the model while it has a
-    free slot; a GPU with room takes the spill; a full holder lets it go anywhere."""
+def test_no_copy_that_would_evict_while_the_holder_has_a_slot() -> None:
+    """The busy holder keeps the model while it has a free slot, even when another GPU has
+    room; when it is full, a GPU that would have to push part of the model to the CPU gets
+    no copy: the request waits for the holder."""
     hot = loaded(backend("hot", "m", max_concurrent=4), "m")
     full = backend("full", "m", max_concurrent=4)
-    for b in (hot, full):
-        b.vram_total_bytes, b.vram_free_bytes = 24 * GB, 1 * GB
-        b.model_sizes = {"m:latest": 5 * GB}
-    r, _ = router(hot, full)
-    hot.in_flight = 3
-    assert pick(r) is hot  # spilling would evict something on "full"
     roomy = backend("roomy", "m", max_concurrent=4)
-    roomy.vram_total_bytes, roomy.vram_free_bytes = 24 * GB, 20 * GB
-    roomy.model_sizes = {"m:latest": 5 * GB}
+    for b, free in ((hot, 1), (full, 1), (roomy, 20)):
+        b.vram_total_bytes, b.vram_free_bytes = 24 * GB, free * GB
+        b.model_sizes = {"m:latest": 5 * GB}
     r, _ = router(hot, full, roomy)
-    assert pick(r) is roomy
-    hot.in_flight = 4  # full: no slot left on the holder
+    hot.in_flight = 3
+    assert all(pick(r) is hot for _ in range(5))
+    hot.in_flight = 4
     r, _ = router(hot, full)
-    assert pick(r) is full
+    assert r.pick("m", "m:latest", "generate") is None

@@ -103,7 +103,7 @@ def test_fallback_only_when_every_gpu_backend_is_down_or_full() -> None:
     gpu0 = backend("gpu0", "m", max_concurrent=1)
     gpu1 = backend("gpu1", "m", max_concurrent=1)
     cpu = backend("cpu", "m", fallback=True, max_concurrent=8)
-    r = router(gpu0, gpu1, cpu)
+    r = router(gpu0, gpu1, cpu, model_affinity=False)
     picks = {r.pick("m", "m:latest", "x").id for _ in range(20)}  # type: ignore[union-attr]
     assert picks <= {"gpu0", "gpu1"}
     gpu0.in_flight = 1
@@ -120,15 +120,18 @@ def test_fallback_only_when_every_gpu_backend_is_down_or_full() -> None:
     assert r.pick("m", "m:latest", "x") is None  # nothing free anywhere: queue
 
 
-def test_affinity_prefers_resident_unless_much_busier() -> None:
-    """A backend with the model loaded wins, unless it is far busier than a cold one."""
+def test_affinity_keeps_a_free_holder_and_waits_for_a_full_one() -> None:
+    """A backend with the model loaded wins while it has a slot; when it is full, the request
+    waits for it rather than start a cold load that costs more than the wait."""
     hot = backend("hot", "m", max_concurrent=4)
     cold = backend("cold", "m", max_concurrent=4)
     loaded(hot, "m")
     r = router(hot, cold)
     assert all(r.pick("m", "m:latest", "x") is hot for _ in range(20))
     hot.in_flight = 3
-    assert all(r.pick("m", "m:latest", "x") is cold for _ in range(20))
+    assert r.pick("m", "m:latest", "x") is hot
+    hot.in_flight = 4
+    assert r.pick("m", "m:latest", "x") is None
 
 
 def test_strategy_switch_keeps_working() -> None:
