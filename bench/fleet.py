@@ -394,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load", default="0.6", help="offered ÷ nominal capacity; comma list")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--time-scale", type=float, default=4.0, help="run this many times faster")
-    p.add_argument("--conversations", default="90,110", help="lo,hi: drawn per seed")
+    p.add_argument("--conversations", help="lo,hi: drawn per seed [90,110; --quick: 10,12]")
     p.add_argument("--corral-config-extra", default="", help="TOML appended to corral's config")
     p.add_argument("--herd-venv", type=Path, default=BENCH / "results" / "herd-venv")
     p.add_argument(
@@ -409,7 +409,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=BENCH / "results" / "fleet.json")
     args = p.parse_args(argv)
     if args.quick:  # fewer chats, twice as fast: about 30 s per contender
-        args.conversations, args.time_scale = "10,12", 8.0
+        args.time_scale = 8.0
+    if args.conversations is None:
+        args.conversations = "10,12" if args.quick else "90,110"
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
         args.load_list = _floats(args.load)
