@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check bench bench-affinity bench-scale bench-soak clean
+.PHONY: demo test check bench bench-affinity bench-fleet bench-scale bench-soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: $(STAMP)
 
 bench-affinity: $(STAMP)
 	$(BIN)/python bench/affinity.py
+
+bench-fleet: $(STAMP)
+	$(BIN)/python bench/fleet.py
 
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py
