@@ -297,6 +297,8 @@ async def place_model(name: str, body: PlacementBody, runtime: RuntimeDep) -> di
     answers each backend's outcome and where the model runs there now."""
     try:
         results = await runtime.placement.act(body.action, name, body.backend)
+        if body.action in ("unload", "cpu"):
+            runtime.replicas.pause(name)  # the admin's word stands: no copy loaded back soon
     except (UnknownBackendError, NotInstalledError) as exc:
         raise HTTPException(404, str(exc)) from None
     return {"model": name, "action": body.action, "results": results}

@@ -119,13 +119,18 @@ _GO_DURATION = re.compile(r"[-+]?(0|(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|
 
 
 class PlacementSettings(_Section):
-    """Priority models: preloaded, kept warm, and moved back to a GPU when found on CPU."""
+    """Priority models: preloaded, kept warm, and moved back to a GPU when found on CPU; copies
+    of the models in demand loaded on idle backends."""
 
     enabled: bool = True
     interval_s: float = Field(300, gt=0)
     priority_models: list[str] = []
     # Sent as Ollama's keep_alive with every load corral makes; negative: forever.
     keep_alive: int | float | str = -1
+    # Demand-driven copies: a model whose demand exceeded what its holders serve (or that was
+    # asked for and is held nowhere) is loaded on an idle backend, checked this often.
+    demand: bool = True
+    demand_interval_s: float = Field(2, gt=0)
 
     @field_validator("priority_models")
     @classmethod

@@ -93,10 +93,19 @@ class Costs:
         return weight * demand.load_s(b.id, size) if weight else 0.0
 
     def load(
-        self, b: BackendState, model: str, size: int | None, now: float, max_loaded: int
+        self,
+        b: BackendState,
+        model: str,
+        size: int | None,
+        now: float,
+        max_loaded: int,
+        *,
+        steered: bool = False,
     ) -> LoadCost:
         """The cost of sending a request for ``model`` (``size`` bytes) to ``b``, which does not
-        hold it (or holds it with another context length: it reloads)."""
+        hold it (or holds it with another context length: it reloads). ``steered``: corral
+        unloads the victims itself first, the least harmful ones (else Ollama picks them in
+        an order corral cannot see, so the worst is assumed)."""
         demand = self.demand
         resident = b.resident
         present = set(resident) | set(b.loading)
@@ -115,8 +124,8 @@ class Costs:
         }
         victims: list[str] = [model] if replacing else []
         freed = 0
-        # The worst of what Ollama may pick first: its order is not visible from outside.
-        for key in sorted(harms, key=lambda k: -harms[k]):
+        sign = 1 if steered else -1
+        for key in sorted(harms, key=lambda k: sign * harms[k]):
             if len(victims) - replacing >= need_count and freed >= need_bytes:
                 break
             victims.append(key)

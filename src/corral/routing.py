@@ -21,7 +21,7 @@ from corral.strategies import RequestInfo, Strategy, create_strategy, weight_for
 COPY_ON_WAIT = 3.0
 
 
-def _rank(option: LoadCost) -> tuple[bool, float, int]:
+def rank(option: LoadCost) -> tuple[bool, float, int]:
     """Among backends that could load a model: no CPU offload, then the least cost (to 0.1 s),
     then the most free memory (big models to big GPUs)."""
     return (option.partial, round(option.total_s, 1), -(option.backend.vram_free_bytes or 0))
@@ -235,17 +235,17 @@ class Router:
             for b in eligible
             if b.id not in free_ids and not b.fallback
         ]
-        best = min(options, key=_rank)
+        best = min(options, key=rank)
         if busy_options:
-            later = min(busy_options, key=_rank)
+            later = min(busy_options, key=rank)
             slot_wait = self.demand.service_s(later.backend.id, model_key) / (
                 later.backend.max_concurrent
             )
-            if _rank(later)[:1] <= _rank(best)[:1] and (
+            if rank(later)[:1] <= rank(best)[:1] and (
                 later.total_s + slot_wait < best.total_s / COPY_ON_WAIT
             ):
                 return []
-        return [o.backend for o in options if _rank(o) == _rank(best)]
+        return [o.backend for o in options if rank(o) == rank(best)]
 
     def model_size(self, model_key: str) -> int | None:
         """The model's footprint: its /api/ps size where it is loaded, else its file size."""

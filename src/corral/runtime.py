@@ -20,6 +20,7 @@ from corral.lifecycle import Lifecycle
 from corral.metrics import Metrics
 from corral.placement import PlacementManager, http_sender
 from corral.proxy import Forwarder
+from corral.replicas import Replicator
 from corral.routing import Router
 from corral.state import StateFile
 from corral.systemd import sd_notify
@@ -66,6 +67,14 @@ class Runtime:
             send=http_sender(self.upstream, settings.timeouts.first_token_s),
             refresh=self.health.probe,
             poll_gpus=self.gpus.poll,
+        )
+        self.replicas = Replicator(
+            self.registry,
+            self.router,
+            settings.placement,
+            self.metrics,
+            send=http_sender(self.upstream, settings.timeouts.first_token_s),
+            refresh=self.health.probe,
         )
         self.admission = Admission(self.router, settings.queue, self.metrics)
         self.forwarder = Forwarder(
@@ -155,6 +164,9 @@ class Runtime:
         self.lifecycle.start("loop-lag", self._watch_loop_lag())
         if self.settings.placement.enabled and self.placement.priority:
             self.lifecycle.start("placement", self.placement.run())
+        placement = self.settings.placement
+        if placement.enabled and placement.demand and self.settings.balancer.model_affinity:
+            self.lifecycle.start("replicas", self.replicas.run())
         sd_notify("READY=1")
 
     async def _watch_loop_lag(self, every_s: float = 0.1) -> None:

@@ -3,13 +3,16 @@ over a window, context lengths and conversations (corral.costs, corral.demand, t
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from corral.backends import BackendRegistry, BackendState, normalize_model
-from corral.config import BalancerSettings
+from corral.config import BalancerSettings, PlacementSettings
 from corral.costs import holding
 from corral.demand import Demand, Level
 from corral.metrics import Metrics
+from corral.replicas import Replicator
 from corral.routing import Router
 from tests.unit.test_routing import FakeClock, backend
 
@@ -220,3 +223,95 @@ def test_a_follow_up_turn_stays_with_its_cached_prompt() -> None:
     first.in_flight = 2
     assert all(pick(r, "m", session="c:1") is first for _ in range(5))
     assert pick(r, "m", session="c:2") is not first  # another chat: least connections
+
+
+# Demand-driven copies --------------------------------------------------------------------------
+
+
+def replicator(r: Router, clock: FakeClock) -> tuple[Replicator, list[tuple[str, dict[str, Any]]]]:
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def send(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+        sent.append((url, body))
+        return 200, {"done": True}
+
+    async def refresh(b: BackendState) -> None:
+        return None
+
+    rep = Replicator(
+        r.registry, r, PlacementSettings(), Metrics(), send=send, refresh=refresh, clock=clock
+    )
+    return rep, sent
+
+
+async def test_a_copy_is_preloaded_on_an_idle_gpu_once_demand_exceeds_the_holders() -> None:
+    """Nothing on a burst; once the holder of m has been full with requests waiting over the
+    window, m is loaded on the idle GPU with room (Ollama's default keep-alive)."""
+    holder = gpu("holder", 48, ("m", 14))
+    idle = gpu("idle", 48)
+    r, clock, _ = fleet(holder, idle)
+    serve(r, holder, "m", 4)
+    r.demand.queue("m:latest", 3)
+    rep, sent = replicator(r, clock)
+    assert await rep.run_pass() is None
+    clock.now += 45
+    assert await rep.run_pass() == ("m:latest", "idle")
+    assert sent == [
+        (
+            "http://127.0.0.1:1/idle/api/generate",
+            {"model": "m:latest", "prompt": "", "stream": False},
+        )
+    ]
+    assert "m:latest" in idle.loading
+
+
+async def test_a_copy_steers_the_eviction_and_never_evicts_what_is_in_demand() -> None:
+    """The idle GPU holds n (unused for minutes) and o (in use a moment ago): corral unloads
+    n itself, then loads m; were both in use, nothing is loaded."""
+    holder = gpu("holder", 48, ("m", 14))
+    idle = gpu("idle", 24, ("n", 9), ("o", 5))
+    r, clock, _ = fleet(holder, idle)
+    r.demand.start("idle", "n:latest")
+    r.demand.end("idle", "n:latest", 1.0)
+    serve(r, holder, "m", 4)
+    r.demand.queue("m:latest", 3)
+    clock.now += 60
+    r.demand.start("idle", "o:latest")
+    r.demand.end("idle", "o:latest", 1.0)
+    rep, sent = replicator(r, clock)
+    assert await rep.run_pass() == ("m:latest", "idle")
+    assert [body for _, body in sent] == [
+        {"model": "n", "prompt": "", "stream": False, "keep_alive": 0},
+        {"model": "m:latest", "prompt": "", "stream": False},
+    ]
+    r.demand.start("idle", "n:latest")
+    r.demand.end("idle", "n:latest", 1.0)
+    idle.loading.clear()
+    sent.clear()
+    assert await rep.run_pass() is None
+    assert sent == []
+
+
+async def test_a_model_in_demand_and_held_nowhere_is_loaded_back_ahead_of_its_requests() -> None:
+    """m was used a moment ago and Ollama unloaded it: it is loaded again on an idle GPU."""
+    a = gpu("a", 48)
+    r, clock, _ = fleet(a)
+    r.demand.start("a", "m:latest")
+    r.demand.end("a", "m:latest", 1.0)
+    rep, _ = replicator(r, clock)
+    assert await rep.run_pass() == ("m:latest", "a")
+
+
+async def test_no_copy_of_a_model_the_admin_just_unloaded() -> None:
+    """An admin's unload stands: the model is not loaded back for ten minutes."""
+    a = gpu("a", 48)
+    r, clock, _ = fleet(a)
+    r.demand.start("a", "m:latest")
+    r.demand.end("a", "m:latest", 1.0)
+    rep, _ = replicator(r, clock)
+    rep.pause("m")
+    assert await rep.run_pass() is None
+    clock.now += 601
+    r.demand.start("a", "m:latest")
+    r.demand.end("a", "m:latest", 1.0)
+    assert await rep.run_pass() == ("m:latest", "a")
