@@ -16,8 +16,8 @@ from corral.metrics import Metrics
 from corral.sessions import SessionMap
 from corral.strategies import RequestInfo, Strategy, create_strategy, weight_for_vram
 
-# A new copy of a model is loaded on a burst alone only when waiting for a holder is
-# expected to take this many times longer than the load.
+# A new copy of a model that evicts an idle one is loaded on a burst alone only when waiting
+# for a holder is expected to take this many times longer than the load.
 COPY_ON_WAIT = 3.0
 
 
@@ -216,18 +216,21 @@ class Router:
         options = [self.costs.load(b, model_key, size, now, b.max_loaded_models) for b in others]
         if holders:
             # Every holder is full. A second copy only where it evicts nothing in demand and
-            # stalls nothing, when waiting would cost more, and when demand has exceeded
-            # what the holders serve over the window (or the wait is far longer than a load).
+            # waits for nothing busy, and only when waiting would cost more. Where it evicts
+            # an idle model, also only once demand has exceeded what the holders serve over
+            # the window (or the wait is far longer than the load): not on one burst.
             copies = [o for o in options if not (o.evicts_in_demand or o.blocked or o.partial)]
             if not copies:
                 return []
             best = min(copies, key=lambda o: o.total_s)
             wait = self.costs.holder_wait_s(holders, model_key, now)
-            if wait > best.total_s and (
+            if wait <= best.total_s:
+                return []
+            if best.evicts and not (
                 wait > COPY_ON_WAIT * best.total_s or self.costs.needs_copy(holders, model_key)
             ):
-                return [best.backend]
-            return []
+                return []
+            return [best.backend]
         # Held nowhere: where the load costs least; a backend that is full now but would
         # cost less after its next free slot is worth waiting for.
         busy_options = [

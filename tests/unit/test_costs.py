@@ -98,9 +98,10 @@ def test_demand_learns_service_time_and_load_speed() -> None:
 
 def test_a_burst_does_not_start_a_load_that_evicts_a_model_in_demand() -> None:
     """The holder of m is full and a burst queues for it: the only other GPU would have to
-    evict n, which its own traffic is using, so the burst waits for the holder."""
+    evict a model, perhaps n, which its own traffic is using (Ollama picks which), so the
+    burst waits for the holder."""
     holder = gpu("holder", 48, ("m", 14))
-    other = gpu("other", 24, ("n", 9))
+    other = gpu("other", 24, ("n", 9), ("p", 5))
     r, clock, _ = fleet(holder, other)
     serve(r, holder, "m", 4)
     r.demand.start(other.id, "n:latest")
@@ -111,19 +112,36 @@ def test_a_burst_does_not_start_a_load_that_evicts_a_model_in_demand() -> None:
     assert other.loading == {}
 
 
-def test_a_copy_is_loaded_where_it_evicts_nothing_once_demand_exceeds_the_holders() -> None:
-    """On one burst the request waits for the full holder; once the requests for m have
-    exceeded the holder's slots over the window, a copy goes to the GPU with room."""
+def test_a_copy_goes_to_free_room_only_when_the_wait_would_be_longer_than_the_load() -> None:
+    """The holder of m is full. Two requests queued: the wait (about 3.75 s) is shorter than a
+    14 GB load (7.5 s), so the request waits; ten queued (13.75 s): the copy is loaded on the
+    GPU with free room, where it evicts nothing."""
     holder = gpu("holder", 48, ("m", 14))
     roomy = gpu("roomy", 48)
-    r, clock, metrics = fleet(holder, roomy)
+    r, _, metrics = fleet(holder, roomy)
+    serve(r, holder, "m", 4)
+    r.demand.queue("m:latest", 2)
+    assert pick(r, "m") is None
+    r.demand.queue("m:latest", 8)
+    assert pick(r, "m") is roomy
+    assert "m:latest" in roomy.loading
+    assert counter(metrics, "corral_cold_loads_total", "roomy") == 1
+
+
+def test_a_copy_that_evicts_an_idle_model_waits_for_demand_over_the_window() -> None:
+    """The only other GPU must unload n (idle for minutes) to take m: not on a burst, but once
+    the requests for m have exceeded the holder's slots over the window."""
+    holder = gpu("holder", 48, ("m", 14))
+    other = gpu("other", 24, ("n", 9), ("p", 5))
+    r, clock, _ = fleet(holder, other)
+    r.demand.start("other", "n:latest")
+    r.demand.end("other", "n:latest", 1.0)
+    clock.now += 300
     serve(r, holder, "m", 4)
     r.demand.queue("m:latest", 10)
     assert pick(r, "m") is None  # a burst: not yet
     clock.now += 45  # the holder full and ten waiting, for longer than the window
-    assert pick(r, "m") is roomy
-    assert "m:latest" in roomy.loading
-    assert counter(metrics, "corral_cold_loads_total", "roomy") == 1
+    assert pick(r, "m") is other
 
 
 def test_a_fourth_model_waits_for_a_holder_rather_than_a_full_ollama() -> None:
