@@ -4,12 +4,14 @@ Ollama schedules each server on its own (its ``server/sched.go``): it keeps at m
 ``OLLAMA_MAX_LOADED_MODELS`` models (3 by default) and as many as fit in VRAM; a request for a
 model it does not hold waits for a load; when a load needs room it unloads an idle model (by
 keep-alive, then by file name: an order corral cannot see, so corral assumes the worst of
-them), and when every loaded model is busy it waits for one to go idle; while it waits or
-loads, it takes no other request. So a cold load costs more than its own load time:
+them), and when every loaded model is busy it waits for the first in that order to go idle.
+Requests for loaded models go straight to their runner, but every request that needs a load
+waits in one queue, one load at a time. So a cold load costs more than its own load time:
 
-- **the request's own wait**: a load already under way there, the wait for a busy model to
-  go idle when the server is full, then the load (size / the backend's measured load speed);
-- **the stall**: requests for the server's other models that arrive meanwhile wait too;
+- **the request's own wait**: loads already under way there, the wait for a busy model to go
+  idle when the server is full, then the load (size / the backend's measured load speed);
+- **the stall**: while it waits for a busy model, requests for that model keep it busy, and
+  whatever else needs a load there waits behind;
 - **the evictions**: a model used there recently will be asked for again, and then it has to
   be loaded back.
 
@@ -32,7 +34,7 @@ class LoadCost:
     """Loading a model on ``backend``: the expected seconds lost, this request's and others'."""
 
     backend: BackendState
-    total_s: float  # own_s + the stall of the server's other traffic + evictions' harm
+    total_s: float  # own_s + the reloads its evictions cost others
     own_s: float  # this request's wait: loads ahead, a busy model going idle, the load
     evicts: tuple[str, ...] = ()
     evicts_in_demand: bool = False
@@ -52,8 +54,8 @@ class Costs:
         self.demand = demand
 
     def stall_s(self, b: BackendState, model: str | None, now: float) -> float:
-        """Seconds left of loads under way on ``b`` (other than ``model``'s): Ollama serves
-        nothing new there until they end."""
+        """Seconds left of loads under way on ``b`` (other than ``model``'s): a request that
+        needs a load there waits for them (Ollama loads one model at a time)."""
         left = 0.0
         for key, since in b.loading.items():
             if key == model:
@@ -69,8 +71,7 @@ class Costs:
         if not slots:
             return float("inf")
         service = sum(self.demand.service_s(b.id, model) for b in holders) / len(holders)
-        stall = min(self.stall_s(b, model, now) for b in holders)
-        return stall + (self.demand.queued(model) + 1) * service / slots
+        return (self.demand.queued(model) + 1) * service / slots
 
     def needs_copy(self, holders: list[BackendState], model: str) -> bool:
         """Demand for ``model`` exceeded what its holders serve, averaged over the window: the
@@ -143,15 +144,11 @@ class Costs:
                 partial = True  # Ollama offloads part of it to the CPU
         load_s = demand.load_s(b.id, size)
         own = self.stall_s(b, model, now) + wait_idle + load_s
-        # Requests for the server's other models arriving meanwhile wait own/2 on average.
-        arrivals = sum(
-            demand.concurrency(b.id, k) / demand.service_s(b.id, k) for k in present if k != model
-        )
         harm = sum(self.harm_s(b, v, _size(b, v)) for v in victims)
         in_demand = any(demand.in_demand(b.id, v) for v in victims)
         return LoadCost(
             b,
-            own + arrivals * own * own / 2 + harm,
+            own + harm,
             own,
             tuple(victims),
             in_demand,

@@ -204,10 +204,8 @@ class Router:
             open_ = [b for b in tier if b.id in free_ids]
             if not open_:
                 continue
-            # A holder whose Ollama is loading another model serves nothing until it ends.
-            ready = [b for b in open_ if self.costs.stall_s(b, model_key, now) <= 0] or open_
-            least = min(b.in_flight / b.max_concurrent for b in ready)
-            return [b for b in ready if not self._spills(b, least)]
+            least = min(b.in_flight / b.max_concurrent for b in open_)
+            return [b for b in open_ if not self._spills(b, least)]
         holders = on_gpu or partial
         others = [b for b in free if b not in holders]
         if not others:

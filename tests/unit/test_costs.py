@@ -187,14 +187,15 @@ def test_a_40gb_model_goes_where_it_fits_beside_what_is_in_demand() -> None:
     assert pick(r, "big") is h100
 
 
-def test_a_holder_loading_another_model_is_passed_over() -> None:
-    """Ollama serves nothing new while it loads: a holder that is loading another model loses
-    to a holder that is not."""
-    a = gpu("a", 48, ("m", 14))
-    b = gpu("b", 48, ("m", 14))
+def test_a_cold_load_avoids_a_gpu_already_loading_another_model() -> None:
+    """Ollama loads one model at a time: a cold request sent where another load is under way
+    waits for it, so the model goes to an equal GPU that is not loading."""
+    a = gpu("a", 48)
+    b = gpu("b", 48)
     r, clock, _ = fleet(a, b)
-    a.loading["o:latest"] = clock.now
-    assert all(pick(r, "m") is b for _ in range(5))
+    b.loading["o:latest"] = clock.now
+    assert r.costs.stall_s(b, "m:latest", clock.now) == pytest.approx(0.5 + 16 / 2)
+    assert pick(r, "m") is a
 
 
 def test_fallback_serves_when_every_gpu_backend_is_full_with_affinity_on() -> None:

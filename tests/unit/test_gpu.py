@@ -292,8 +292,7 @@ async def test_hot_gpu_busy_peer_means_wait_not_hot() -> None:
 
 
 async def test_model_too_big_for_the_small_gpu_goes_to_the_big_one() -> None:
-    """A 40 GB model never lands on the 24 GB L4 while the H100 can hold it; small ones go to
-    the L4 while the H100's Ollama loads the big one (it serves nothing new until then)."""
+    """A 40 GB model never lands on the 24 GB L4 while the H100 can hold it; small ones spread."""
     big = loaded(backend("big", "llama3.1:70b", "llama3.2", gpu=0), "llama3.2")
     small = loaded(backend("small", "llama3.1:70b", "llama3.2", gpu=1), "llama3.2")
     for b in (big, small):
@@ -301,7 +300,7 @@ async def test_model_too_big_for_the_small_gpu_goes_to_the_big_one() -> None:
     poller, router, _ = fleet(big, small)
     await poller.poll()
     assert picks(router, "llama3.1:70b") == Counter(big=40)
-    assert picks(router, "llama3.2") == Counter(small=40)
+    assert set(picks(router, "llama3.2")) == {"big", "small"}
     big.healthy = False  # only the small GPU left: serve anyway (Ollama offloads to CPU)
     assert router.pick("llama3.1:70b", "llama3.1:70b", "generate") is small
 

@@ -53,6 +53,7 @@ class Job:
         "_length_limited",
         "_prompt",
         "_slot",
+        "cached",
         "eval_count",
         "eval_ns",
         "ex",
@@ -90,6 +91,7 @@ class Job:
         self._length_limited = isinstance(n, int | float) and not isinstance(n, bool) and n >= 0
         self.runner: Runner | None = None
         self.load_ns = 0
+        self.cached = 0
         self.prompt_ns = 0
         self.eval_ns = 0
         self.eval_count = 0
@@ -160,6 +162,7 @@ class Job:
         counters = self.sim.scheduler.counters
         counters.prompt_tokens += count
         counters.prompt_tokens_cached += cached
+        self.cached = cached
         delay = config.ttft_s
         if config.prefill_tps > 0:
             delay += (count - cached) / config.prefill_tps
@@ -204,11 +207,13 @@ class Job:
         return self.fault_at(n)
 
     def metrics(self, prompt_count: int) -> dict[str, int]:
-        """The final-chunk metrics in Go key order, zeros omitted (``omitempty``)."""
+        """The final-chunk metrics in Go key order, zeros omitted (``omitempty``);
+        ``prompt_eval_cached_count``: the prompt tokens read from the cache (Ollama 0.33)."""
         items = (
             ("total_duration", time.perf_counter_ns() - self.ex.t0),
             ("load_duration", self.load_ns),
             ("prompt_eval_count", prompt_count),
+            ("prompt_eval_cached_count", self.cached),
             ("prompt_eval_duration", self.prompt_ns),
             ("eval_count", self.eval_count),
             ("eval_duration", self.eval_ns if self.eval_count else 0),

@@ -34,12 +34,15 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 def _lookup(sim: Sim, ex: Exchange, body: dict[str, Any]) -> tuple[str, str, Any]:
@@ -112,7 +115,7 @@ async def chat_completions(sim: Sim, ex: Exchange) -> None:
                             "finish_reason": reason,
                         }
                     ],
-                    "usage": _usage(prompt_count, n),
+                    "usage": _usage(prompt_count, n, job.cached),
                 }
             )
             return
@@ -124,7 +127,8 @@ async def chat_completions(sim: Sim, ex: Exchange) -> None:
             )
         tail = f'{head}{{"index":0,"delta":{{}},"finish_reason":"{reason}"}}]}}\n\n'
         if _include_usage(body):
-            tail += f'{head}],"usage":{dumps(_usage(prompt_count, n)).decode()}}}\n\n'
+            usage = _usage(prompt_count, n, job.cached)
+            tail += f'{head}],"usage":{dumps(usage).decode()}}}\n\n'
         await ex.end(tail.encode() + DONE, SSE_TYPE)
 
 
