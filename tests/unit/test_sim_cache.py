@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -158,3 +160,23 @@ def test_cli_scheduler_options(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (seen[0].max_loaded_models, seen[0].load_gbps, seen[0].prefill_tps) == (5, 2, 900)
     assert CliRunner().invoke(cli, []).exit_code == 0
     assert (seen[1].max_loaded_models, seen[1].load_gbps, seen[1].prefill_tps) == (3, 0, 0)
+
+
+async def test_shared_compute_slows_two_models_generating_at_once() -> None:
+    """With shared_compute, two models streaming at once on one GPU each take about twice as
+    long as one alone; without it, they do not slow each other."""
+    for shared, lo, hi in ((True, 1.6, 2.6), (False, 0.7, 1.3)):
+        app = create_sim_app(SimConfig(tokens=20, token_interval_s=0.01, shared_compute=shared))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim") as c:
+
+            async def one(model: str, client: httpx.AsyncClient = c) -> float:
+                t = time.perf_counter()
+                body = {"model": model, "prompt": "hi", "stream": False}
+                r = await client.post("/api/generate", json=body)
+                assert r.status_code == 200
+                return time.perf_counter() - t
+
+            alone = await one("llama3.2")
+            together = await asyncio.gather(one("llama3.2"), one("qwen2.5:7b"))
+            assert lo < max(together) / alone < hi, (shared, alone, together)

@@ -63,6 +63,13 @@ def sim_command(
         float,
         typer.Option(min=0, help="Prompt tokens/s: TTFT also takes uncached tokens / this."),
     ] = 0.0,
+    shared_compute: Annotated[
+        bool,
+        typer.Option(
+            "--shared-compute",
+            help="Models on the GPU share its compute: k generating at once each run k× slower.",
+        ),
+    ] = False,
     max_loaded_models: Annotated[
         int, typer.Option(min=0, help="Models loaded at once before one is evicted (0: no cap).")
     ] = 3,
@@ -114,6 +121,7 @@ def sim_command(
         load_s=load_ms / 1000,
         load_gbps=load_gbps,
         prefill_tps=prefill_tps,
+        shared_compute=shared_compute,
         max_loaded_models=max_loaded_models,
         keep_alive_s=keep_alive_s,
         num_parallel=num_parallel,

@@ -194,6 +194,8 @@ class SimConfig:
     3 per GPU by default; 0 is no cap). A load takes ``load_s`` plus the runner's footprint at
     ``load_gbps`` GB/s (0: no size-dependent part). Prompt processing takes ``ttft_s`` plus the
     prompt tokens the slot's prompt cache does not hold at ``prefill_tps`` tokens/s (0: none).
+    ``shared_compute``: models on the GPU take turns, so with k runners generating at once each
+    prefills and decodes k times slower (one model's parallel requests batch, as on a GPU).
     ``pull_delay_s`` is the pause between pull/push/create progress lines. ``check_host``
     rejects Host headers the way an Ollama bound to loopback does (403, empty body).
 
@@ -226,6 +228,7 @@ class SimConfig:
     gpu_temp_c: float | None = None
     gpu_util_pct: float | None = None
     power_limit_w: float = 350.0
+    shared_compute: bool = False
 
     @property
     def reported_gpu_name(self) -> str:
@@ -279,6 +282,7 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "gpu_temp_c": (int, float, type(None)),
     "gpu_util_pct": (int, float, type(None)),
     "power_limit_w": (int, float),
+    "shared_compute": (bool,),
 }
 
 

@@ -166,11 +166,20 @@ class Job:
         delay = config.ttft_s
         if config.prefill_tps > 0:
             delay += (count - cached) / config.prefill_tps
+        delay *= self.share()
         if delay > 0:
             await asyncio.sleep(delay)
         self._prompt = tokens or ()
         self.prompt_ns = max(1, time.perf_counter_ns() - t)
         return count
+
+    def share(self) -> int:
+        """How many runners share the GPU now: with ``shared_compute`` each of them computes
+        at that fraction of its speed (models on one GPU take turns; one model's parallel
+        requests batch together), else 1."""
+        if not self.sim.config.shared_compute:
+            return 1
+        return max(1, self.sim.scheduler.busy_runners())
 
     def fault_at(self, i: int) -> str | None:
         """The stream fault due once ``i`` tokens were sent (faults are read live)."""
@@ -186,6 +195,7 @@ class Job:
         the fault that stopped it early (or that is due at the end), else None."""
         interval = self.sim.config.token_interval_s
         start = time.perf_counter()
+        due = start
         sleep = asyncio.sleep
         for i in range(n):
             fault = self.fault_at(i)
@@ -195,7 +205,8 @@ class Job:
             if i:
                 if interval > 0:
                     # Absolute deadlines keep the rate exact over long streams.
-                    await sleep(max(0.0, start + i * interval - time.perf_counter()))
+                    due += interval * self.share()
+                    await sleep(max(0.0, due - time.perf_counter()))
                 elif not i & 63:
                     await sleep(0)  # let other requests (and disconnects) in
             if on_token is not None:

@@ -403,6 +403,10 @@ class Scheduler:
         self.purge_expired()
         return sum(r.size_vram for r in self.runners.values())
 
+    def busy_runners(self) -> int:
+        """Runners with at least one parallel slot taken (they share the GPU's compute)."""
+        return sum(1 for r in self.runners.values() if r.slots.active)
+
     def busy_slots(self) -> int:
         """Parallel slots taken right now, over all runners."""
         return sum(r.slots.active for r in self.runners.values())
