@@ -34,7 +34,7 @@ class LoadCost:
     """Loading a model on ``backend``: the expected seconds lost, this request's and others'."""
 
     backend: BackendState
-    total_s: float  # own_s + the reloads its evictions cost others
+    total_s: float  # own_s + reloads its evictions cost others + how busy the backend is
     own_s: float  # this request's wait: loads ahead, a busy model going idle, the load
     evicts: tuple[str, ...] = ()
     evicts_in_demand: bool = False
@@ -146,9 +146,13 @@ class Costs:
         own = self.stall_s(b, model, now) + wait_idle + load_s
         harm = sum(self.harm_s(b, v, _size(b, v)) for v in victims)
         in_demand = any(demand.in_demand(b.id, v) for v in victims)
+        # Its requests there will share the slots with the models it keeps: the busier the
+        # backend has been over the window, the longer they wait for one.
+        kept = [k for k in demand.models_on(b.id) if k != model and k not in victims]
+        busy = min(1.0, sum(demand.concurrency(b.id, k) for k in kept) / b.max_concurrent)
         return LoadCost(
             b,
-            own + harm,
+            own + harm + busy * demand.service_s(b.id, model),
             own,
             tuple(victims),
             in_demand,

@@ -187,6 +187,17 @@ def test_a_40gb_model_goes_where_it_fits_beside_what_is_in_demand() -> None:
     assert pick(r, "big") is h100
 
 
+def test_a_model_loaded_nowhere_goes_to_an_idle_gpu_rather_than_a_busy_one() -> None:
+    """The bigger GPU has room but has been busy with o all along: the new model goes to the
+    idle one, where its requests will not queue behind o's."""
+    h100 = gpu("h100", 80, ("o", 16))
+    l40s = gpu("l40s", 48)
+    r, clock, _ = fleet(h100, l40s)
+    serve(r, h100, "o", 3)
+    clock.now += 60
+    assert pick(r, "m") is l40s
+
+
 def test_a_cold_load_avoids_a_gpu_already_loading_another_model() -> None:
     """Ollama loads one model at a time: a cold request sent where another load is under way
     waits for it, so the model goes to an equal GPU that is not loading."""
