@@ -73,7 +73,7 @@ from _procs import (  # noqa: E402
 )
 from _report import finite  # noqa: E402
 from affinity import _ready, _watch  # noqa: E402
-from balance import PY, Bench, _loop_run  # noqa: E402
+from balance import PY, Bench, _loop_run, scrape  # noqa: E402
 
 CONTENDERS = ("corral", "herd", "nginx")
 GPU_NAMES = {
@@ -451,6 +451,8 @@ def run_contender(
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} died:\n{proc.tail()}")
         stats = sim_stats(bench.sims)
+        # corral's own count of requests that waited in its queue, and how long in all.
+        extra = scrape(url) if name == "corral" else {}
         log(f"  {name}: {time.time() - t:.0f} s")
     finally:
         bench.stop_all()
@@ -463,6 +465,9 @@ def run_contender(
         time_scale=args.time_scale,
         target_s=TTFT_TARGET_S,
     )
+    if extra:
+        res["corral_queued"] = int(extra.get("corral_queued", 0))
+        res["corral_queue_wait_s"] = extra.get("corral_queue_wait_s", 0.0) * args.time_scale
     res["sims"] = stats
     return res
 
