@@ -6,7 +6,7 @@ flight, a probe history, a response-time estimate), then, per strategy, many tim
 (``perf_counter_ns``):
 
 - ``pick``: ``Router.pick()`` alone: filters, affinity, the strategy;
-- ``acquire``: ``await Admission.acquire()`` then ``registry.release()``: what a request pays
+- ``acquire``: ``await Admission.acquire()`` then ``Admission.release()``: what a request pays
   on its way in and out when a slot is free (no queueing), on a running event loop.
 
 No sockets, no sleeping: the numbers are CPU time on this machine's one core.
@@ -83,12 +83,12 @@ def time_pick(router: Router, iterations: int) -> dict[str, float]:
 
 async def time_acquire(admission: Admission, iterations: int) -> dict[str, float]:
     clock = time.perf_counter_ns
-    release = admission.registry.release
+    release = admission.release
     times = []
     for _ in range(iterations):
         t0 = clock()
         backend = await admission.acquire(MODEL, KEY, "generate")
-        release(backend)
+        release(backend, KEY)
         times.append(clock() - t0)
     return _summary(times)
 

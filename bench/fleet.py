@@ -266,6 +266,8 @@ class FleetBench(Bench):
         argv += ["--token-interval-ms", f"{g.token_ms / s:g}", "--keep-alive-s", f"{300 / s:g}"]
         if "--max-loaded-models" in self.flags:
             argv += ["--max-loaded-models", str(MAX_LOADED_MODELS)]
+        if self.args.shared_compute:
+            argv += ["--shared-compute"]
         if "--prefill-tps" in self.flags:
             argv += ["--prefill-tps", f"{g.prefill_tps * s:g}"]
         else:  # a fixed TTFT: the mean request's prefill on this GPU
@@ -396,6 +398,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-scale", type=float, default=4.0, help="run this many times faster")
     p.add_argument("--conversations", help="lo,hi: drawn per seed [90,110; --quick: 10,12]")
     p.add_argument("--corral-config-extra", default="", help="TOML appended to corral's config")
+    p.add_argument(
+        "--shared-compute",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="models on one GPU share its compute, as on a real GPU (default on)",
+    )
     p.add_argument("--herd-venv", type=Path, default=BENCH / "results" / "herd-venv")
     p.add_argument(
         "--herd-host-memory",

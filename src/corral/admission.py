@@ -20,7 +20,7 @@ from corral.backends import BackendState, Clock
 from corral.config import QueueSettings
 from corral.errors import NoBackendError, RoutingError
 from corral.metrics import Metrics
-from corral.routing import Router
+from corral.routing import Router, backend_cap, demand_key
 
 PRIORITIES: dict[str, int] = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
 PRIORITY_NAMES = {rank: name for name, rank in PRIORITIES.items()}
@@ -126,7 +126,7 @@ class Admission:
             # Nobody waits ahead of this request: take a free slot if there is one.
             backend = self.router.pick(model, model_key, route, exclude, session, num_ctx)
             if backend is not None:
-                self.registry.reserve(backend)
+                self._grant(backend, model_key, route)
                 return backend
         else:
             # Others wait: check the request is servable at all before queueing it.
@@ -183,7 +183,7 @@ class Admission:
         except asyncio.CancelledError:
             # The client left (or corral stops): give back a slot granted meanwhile.
             if waiter.future.done() and waiter.future.exception() is None:
-                self.registry.release(waiter.future.result())
+                self.release(waiter.future.result(), demand_key(model_key, route))
             raise
         finally:
             self._discard(waiter)
@@ -233,16 +233,32 @@ class Admission:
             )
             if backend is None:  # pragma: no cover - free() just said otherwise
                 return
-            self.registry.reserve(backend)
+            self._grant(backend, best.model_key, best.route)
             best.future.set_result(backend)
             self._discard(best)
             if not self._count or not self._any_free():
                 return
 
+    def _grant(self, backend: BackendState, model_key: str | None, route: str) -> None:
+        """Reserve a slot on ``backend`` (and count it for its model) before the caller wakes."""
+        self.registry.reserve(backend)
+        key = demand_key(model_key, route)
+        if key is not None:
+            self.router.demand.start(backend.id, key)
+
+    def release(
+        self, backend: BackendState, model_key: str | None, held_s: float | None = None
+    ) -> None:
+        """Give back a slot :meth:`acquire` granted (``model_key``: the model it was counted
+        for, None for none); ``held_s``: how long it served (None: it failed)."""
+        if model_key is not None:
+            self.router.demand.end(backend.id, model_key, held_s)
+        self.registry.release(backend)
+
     def _any_free(self) -> bool:
         """Some backend takes requests and has a slot (else dispatching is pointless)."""
         now = self._clock()
-        return any(b.in_flight < b.max_concurrent and b.available(now) for b in self.registry.all())
+        return any(b.in_flight < backend_cap(b) and b.available(now) for b in self.registry.all())
 
     def close(self, reason: str) -> int:
         """Stop admitting (shutdown): every queued request gets 503 now; returns how many."""

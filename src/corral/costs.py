@@ -149,10 +149,10 @@ class Costs:
         # Its requests there will share the slots with the models it keeps: the busier the
         # backend has been over the window, the longer they wait for one.
         kept = [k for k in demand.models_on(b.id) if k != model and k not in victims]
-        busy = min(1.0, sum(demand.concurrency(b.id, k) for k in kept) / b.max_concurrent)
+        occupied = sum(demand.concurrency(b.id, k) for k in kept) / b.max_concurrent
         return LoadCost(
             b,
-            own + harm + busy * demand.service_s(b.id, model),
+            own + harm + min(1.0, occupied) * demand.service_s(b.id, model),
             own,
             tuple(victims),
             in_demand,

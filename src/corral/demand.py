@@ -77,6 +77,7 @@ class Demand:
         self._clock = clock
         self._uses: dict[tuple[str, str], _Use] = {}
         self._by_backend: dict[str, dict[str, _Use]] = {}
+        self._counted: dict[str, int] = {}  # requests in flight per backend, all models
         self._queued: dict[str, int] = {}
         self._queued_avg: dict[str, Level] = {}
         self._model_service: dict[str, float] = {}
@@ -100,6 +101,7 @@ class Demand:
         use.avg.add(now, self.window_s, 1)
         use.in_flight += 1
         use.last = now
+        self._counted[backend_id] = self._counted.get(backend_id, 0) + 1
 
     def end(self, backend_id: str, model: str, held_s: float | None = None) -> None:
         """That request ended after holding its slot ``held_s`` seconds (None: failed)."""
@@ -108,6 +110,7 @@ class Demand:
         if use.in_flight > 0:
             use.avg.add(now, self.window_s, -1)
             use.in_flight -= 1
+            self._counted[backend_id] -= 1
         use.last = now
         if held_s is not None and held_s >= 0:
             use.service_s = _mean(use.service_s, held_s)
@@ -139,6 +142,7 @@ class Demand:
         """A backend left the registry."""
         for model in self._by_backend.pop(backend_id, {}):
             self._uses.pop((backend_id, model), None)
+        self._counted.pop(backend_id, None)
         self._load_bps.pop(backend_id, None)
         self._prefill_tps.pop(backend_id, None)
 
@@ -147,6 +151,10 @@ class Demand:
     def in_flight(self, backend_id: str, model: str) -> int:
         use = self._uses.get((backend_id, model))
         return use.in_flight if use else 0
+
+    def counted(self, backend_id: str) -> int:
+        """Requests in flight on ``backend_id`` that were counted for a model."""
+        return self._counted.get(backend_id, 0)
 
     def busy(self, backend_id: str) -> dict[str, int]:
         """Models with requests in flight on ``backend_id`` now."""

@@ -19,6 +19,7 @@ from corral.config import BalancerSettings
 from corral.errors import NoBackendError, RoutingError, UpstreamError
 from corral.health import HealthChecker
 from corral.metrics import Metrics
+from corral.routing import demand_key
 from corral.upstream import TRANSPORT_ERRORS, Upstream
 
 Scope = MutableMapping[str, Any]
@@ -211,10 +212,9 @@ class Forwarder:
                     raise
                 attempts += 1
                 tried.append(backend.id)
-                demand_key = model_key if model_key is not None and route.name != "show" else None
-                cold = demand_key is not None and demand_key not in backend.resident
-                if demand_key is not None:
-                    self.demand.start(backend.id, demand_key)
+                # Admission counted the request for its model there when it granted the slot.
+                key = demand_key(model_key, route.name)
+                cold = key is not None and key not in backend.resident
                 held_s: float | None = None
                 dispatched = time.perf_counter()
                 try:
@@ -234,14 +234,16 @@ class Forwarder:
                     if isinstance(outcome, tuple):
                         held_s = time.perf_counter() - dispatched
                 finally:
-                    if demand_key is not None:
-                        self.demand.end(backend.id, demand_key, held_s)
+                    self.admission.release(backend, key, held_s)
+                    self.metrics.child(self.metrics.slot_utilization, backend.id).set(
+                        backend.in_flight / backend.max_concurrent
+                    )
                 if isinstance(outcome, tuple):
                     status, fields = outcome
                     fields["attempts"] = attempts
                     stats = fields.pop("stats", None)
                     if stats:
-                        self._learn(backend, demand_key, stats, cold)
+                        self._learn(backend, key, stats, cold)
                     return status, backend.id, fields
                 # A retryable failure before any byte reached the client.
                 last_error = outcome
@@ -288,7 +290,7 @@ class Forwarder:
         metrics = self.metrics
         in_flight = metrics.child(metrics.in_flight, backend.id)
         utilization = metrics.child(metrics.slot_utilization, backend.id)
-        # The slot was reserved by admission; it is released below in every path.
+        # The slot was reserved by admission; forward() releases it in every path.
         in_flight.inc()
         utilization.set(backend.in_flight / backend.max_concurrent)
         dispatched = time.perf_counter()  # the backend's own times start here, not in the queue
@@ -323,8 +325,6 @@ class Forwarder:
             in_flight.dec()
             if resp is not None:
                 resp.close()
-            self.registry.release(backend)
-            utilization.set(backend.in_flight / backend.max_concurrent)
 
     async def _relay(
         self,

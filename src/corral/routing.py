@@ -27,6 +27,18 @@ def rank(option: LoadCost) -> tuple[bool, float, int]:
     return (option.partial, round(option.total_s, 1), -(option.backend.vram_free_bytes or 0))
 
 
+def demand_key(model_key: str | None, route: str) -> str | None:
+    """The model a request occupies a runner of (none for /api/show: it loads nothing)."""
+    return model_key if route != "show" else None
+
+
+def backend_cap(b: BackendState) -> int:
+    """Requests an Ollama runs at once: ``max_concurrent`` (its OLLAMA_NUM_PARALLEL) for each
+    model it may hold loaded."""
+    models = b.max_loaded_models or max(1, len(b.resident) + 1)
+    return b.max_concurrent * models
+
+
 class Router:
     """Applies the filters of PRODUCT.md "Choosing a backend" and asks the strategy."""
 
@@ -103,10 +115,20 @@ class Router:
         cool = [b for b in eligible if not b.gpu_hot]
         if cool:
             eligible = cool
-        free = [b for b in eligible if b.in_flight < b.max_concurrent]
+        free = [b for b in eligible if self.has_slot(b, model_key)]
         primary = [b for b in free if not b.fallback]
         # A fallback (a CPU-only Ollama) serves only when no GPU backend can: all down or full.
         return eligible, primary or free
+
+    def has_slot(self, b: BackendState, model_key: str | None) -> bool:
+        """Ollama runs OLLAMA_NUM_PARALLEL (``max_concurrent``) requests per loaded model: a
+        slot is free for ``model_key`` while its requests there are fewer (requests not
+        counted for a model, such as ``/api/show``, count against every model)."""
+        if b.in_flight >= backend_cap(b):
+            return False
+        uncounted = max(0, b.in_flight - self.demand.counted(b.id))
+        mine = self.demand.in_flight(b.id, model_key) if model_key is not None else 0
+        return mine + uncounted < b.max_concurrent
 
     def free(
         self,

@@ -59,9 +59,10 @@ def test_loaded_model_requests_go_to_its_backend(sim_factory: Any, corral_factor
 def test_a_burst_waits_for_the_holder_instead_of_loading_copies(
     sim_factory: Any, corral_factory: Any
 ) -> None:
-    """Six concurrent streams of a model loaded on gpu0 (4 slots): four stream at once, the
-    other two wait in corral's queue for gpu0's next free slot rather than each start a cold
-    load on an idle GPU; every stream completes and no other simulator loads the model."""
+    """Six concurrent streams of a model loaded on gpu0 (4 slots), each about 0.6 s: four
+    stream at once, the other two wait in corral's queue for gpu0's next free slot (well under
+    a second) rather than each start a cold load on an idle GPU; every stream completes and no
+    other simulator loads the model."""
     sims, corral = three(sim_factory, corral_factory)
     for s in sims:
         s.config.tokens = 30
@@ -69,6 +70,8 @@ def test_a_burst_waits_for_the_holder_instead_of_loading_copies(
         s.config.load_s = 1.0  # a load costs more than waiting for one stream to end
     with corral.client() as client:
         warm(client, "llama3.2", sims[0])
+        # corral learns how long a request holds its slot there.
+        assert served_by(client, {"model": "llama3.2", "prompt": "x"}, 3) == Counter(gpu0=3)
         backends: list[str] = []
 
         def stream() -> None:

@@ -72,7 +72,7 @@ async def test_never_more_than_the_slots() -> None:
         peak[b.id] = max(peak[b.id], b.in_flight)
         assert b.in_flight <= 2
         await asyncio.sleep(0.001)
-        adm.registry.release(b)
+        adm.release(b, "m:latest")
 
     await asyncio.wait_for(asyncio.gather(*(one() for _ in range(20))), 5)
     assert peak == {"b0": 2, "b1": 2}
@@ -89,14 +89,14 @@ async def test_urgent_overtakes_normal_and_fifo_within_a_class() -> None:
     async def one(name: str, rank: int) -> None:
         got = await adm.acquire("m", "m:latest", "x", rank=rank)
         order.append(name)
-        adm.registry.release(got)
+        adm.release(got, "m:latest")
 
     tasks = []
     for name, rank in [("n1", NORMAL), ("n2", NORMAL), ("l1", LOW), ("u1", URGENT), ("h1", HIGH)]:
         tasks.append(asyncio.create_task(one(name, rank)))
         await settle()
     assert adm.queued == 5
-    adm.registry.release(held)
+    adm.release(held, "m:latest")
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert order == ["u1", "h1", "n1", "n2", "l1"]
 
@@ -114,7 +114,7 @@ async def test_low_is_served_within_its_aging_bound() -> None:
         high = asyncio.create_task(adm.acquire("m", "m:latest", "x", rank=HIGH))
         await settle()
         clock.now += 1
-        adm.registry.release(held)
+        adm.release(held, "m:latest")
         await settle()
         if low.done():
             served_low_at = step
@@ -137,7 +137,7 @@ async def test_cancelled_waiter_leaves_the_queue_at_once() -> None:
     waiting.cancel()
     await settle()
     assert adm.queued == 0
-    adm.registry.release(held)
+    adm.release(held, "m:latest")
     assert b.in_flight == 0
 
 
@@ -188,7 +188,7 @@ async def test_a_retry_keeps_its_place_one_class_up() -> None:
     async def one(name: str, rank: int, enqueued: float | None = None) -> None:
         got = await adm.acquire("m", "m:latest", "x", rank=rank, enqueued=enqueued)
         order.append(name)
-        adm.registry.release(got)
+        adm.release(got, "m:latest")
 
     first_seen = clock.now
     clock.now += 5
@@ -196,7 +196,7 @@ async def test_a_retry_keeps_its_place_one_class_up() -> None:
     await settle()
     tasks.append(asyncio.create_task(one("retry", HIGH, enqueued=first_seen)))
     await settle()
-    adm.registry.release(held)
+    adm.release(held, "m:latest")
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert order == ["retry", "h1", "h2"]
     assert adm.queued_by_priority() == {"low": 0, "normal": 0, "high": 0, "urgent": 0}

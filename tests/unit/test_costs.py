@@ -345,3 +345,18 @@ async def test_no_copy_of_a_model_the_admin_just_unloaded() -> None:
     r.demand.start("a", "m:latest")
     r.demand.end("a", "m:latest", 1.0)
     assert await rep.run_pass() == ("m:latest", "a")
+
+
+def test_slots_are_per_model_as_ollamas_num_parallel() -> None:
+    """max_concurrent is Ollama's OLLAMA_NUM_PARALLEL, which is per loaded model: a backend
+    whose m runner is full still takes a request for n (its own runner), up to
+    max_concurrent x max_loaded_models in all."""
+    b = gpu("b", 80, ("m", 14), ("n", 9), ("o", 16))
+    r, _, _ = fleet(b)
+    serve(r, b, "m", 4)
+    assert pick(r, "m") is None
+    assert pick(r, "n") is b
+    serve(r, b, "n", 4)
+    serve(r, b, "o", 4)
+    assert b.in_flight == 12
+    assert pick(r, "p") is None
