@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -477,6 +478,8 @@ def run_contender(
         res["corral_queued"] = int(extra.get("corral_queued", 0))
         res["corral_queue_wait_s"] = extra.get("corral_queue_wait_s", 0.0) * args.time_scale
     res["sims"] = stats
+    # Every turn as its client saw it (wall seconds from the start), for a closer look.
+    res["turns"] = [dataclasses.asdict(o) for o in outcomes]
     return res
 
 

@@ -13,7 +13,9 @@ waits in one queue, one load at a time. So a cold load costs more than its own l
 - **the stall**: while it waits for a busy model, requests for that model keep it busy, and
   whatever else needs a load there waits behind;
 - **the evictions**: a model used there recently will be asked for again, and then it has to
-  be loaded back.
+  be loaded back;
+- **the sharing**: models on one GPU take turns on its compute (only one model's requests
+  batch together), so a model added where others are busy runs slower, and so do they.
 
 Against that stands waiting for a backend that already holds the model: the requests queued
 for it, plus this one, times the time a request holds a slot, over the holders' slots.
@@ -34,7 +36,7 @@ class LoadCost:
     """Loading a model on ``backend``: the expected seconds lost, this request's and others'."""
 
     backend: BackendState
-    total_s: float  # own_s + reloads its evictions cost others + how busy the backend is
+    total_s: float  # own_s + reloads its evictions cost others + sharing the GPU's compute
     own_s: float  # this request's wait: loads ahead, a busy model going idle, the load
     evicts: tuple[str, ...] = ()
     evicts_in_demand: bool = False
@@ -146,13 +148,18 @@ class Costs:
         own = self.stall_s(b, model, now) + wait_idle + load_s
         harm = sum(self.harm_s(b, v, _size(b, v)) for v in victims)
         in_demand = any(demand.in_demand(b.id, v) for v in victims)
-        # Its requests there will share the slots with the models it keeps: the busier the
-        # backend has been over the window, the longer they wait for one.
-        kept = [k for k in demand.models_on(b.id) if k != model and k not in victims]
-        occupied = sum(demand.concurrency(b.id, k) for k in kept) / b.max_concurrent
+        # Models on one GPU take turns on its compute (only one model's requests batch): with
+        # j other models busy there, its requests run about j+1 times slower, and theirs too.
+        sharing = sum(
+            1
+            for k in demand.models_on(b.id)
+            if k != model
+            and k not in victims
+            and (demand.in_flight(b.id, k) or demand.concurrency(b.id, k) >= 0.5)
+        )
         return LoadCost(
             b,
-            own + harm + min(1.0, occupied) * demand.service_s(b.id, model),
+            own + harm + sharing * demand.service_s(b.id, model),
             own,
             tuple(victims),
             in_demand,

@@ -202,11 +202,18 @@ class Demand:
 
     def load_s(self, backend_id: str, size_bytes: int | None) -> float:
         """How long loading ``size_bytes`` takes on ``backend_id``."""
-        bps = self._load_bps.get(backend_id, DEFAULT_LOAD_BPS)
+        bps = self._load_bps.get(backend_id)
+        if bps is None:
+            # Not measured there yet: the fleet's typical speed, not a guess that would make
+            # every measured backend look cheaper than the untried ones.
+            known = self._load_bps.values()
+            bps = sum(known) / len(known) if known else DEFAULT_LOAD_BPS
         return LOAD_OVERHEAD_S + (size_bytes or 0) / bps
 
     def prefill_tps(self, backend_id: str) -> float:
-        return self._prefill_tps.get(backend_id, DEFAULT_PREFILL_TPS)
+        known = self._prefill_tps.values()
+        typical = sum(known) / len(known) if known else DEFAULT_PREFILL_TPS
+        return self._prefill_tps.get(backend_id, typical)
 
 
 def _mean(old: float | None, new: float) -> float:

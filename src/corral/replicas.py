@@ -1,14 +1,14 @@
 """Demand-driven placement: copies of the models in demand, loaded ahead of the requests.
 
-The router decides one request at a time and never loads a second copy of a model on a burst
-alone. This loop looks at the fleet every ``placement.demand_interval_s``: a model whose
-demand over the window exceeded what its holders serve (corral.costs.Costs.needs_copy), or a
-model asked for recently that no backend holds any more, is loaded on an **idle** backend
-(nothing in flight, nothing loading) where that evicts nothing in demand, does not wait for a
-busy model and does not spill to the CPU; of those, where it costs least (big models to big
-GPUs). Where the load needs room, corral unloads the model it chose (the one used least
-recently there) first, instead of leaving the choice to Ollama. One load per pass, so the
-fleet changes step by step and each step is seen by the next.
+The router decides one request at a time. This loop looks at the fleet every
+``placement.demand_interval_s``: a model whose demand over the window exceeded what its
+holders serve (corral.costs.Costs.needs_copy), or a model asked for recently that no backend
+holds any more, is loaded on a backend that is not loading already (Ollama serves its loaded
+models while it loads another) where that evicts nothing in demand, waits for no busy model
+and does not spill to the CPU; of those, where it costs least (big models to big GPUs, quiet
+backends first). Where the load needs room, corral unloads the model it chose (the one used
+least recently there) first, instead of leaving the choice to Ollama. One load per pass, so
+the fleet changes step by step and each step is seen by the next.
 
 Each change is logged and counted in ``corral_placement_actions_total`` (``preload`` or
 ``evict``, reason ``demand``). Priority models (the placement manager's) are never evicted;
@@ -41,7 +41,7 @@ PAUSE_S = 600.0
 
 
 class Replicator:
-    """Loads copies of in-demand models on idle backends, one per pass."""
+    """Loads copies of in-demand models where they cost least, one per pass."""
 
     def __init__(
         self,
@@ -96,16 +96,14 @@ class Replicator:
             if holders and not self.router.costs.needs_copy(holders, model):
                 continue
             size = self.router.model_size(model)
-            idle = [
+            # Ollama loads one model at a time and serves its loaded models meanwhile: any
+            # backend not loading already will do.
+            targets = [
                 b
                 for b in up
-                if b not in holders
-                and model in b.models
-                and b.fits(model)
-                and b.in_flight == 0
-                and not b.loading
+                if b not in holders and model in b.models and b.fits(model) and not b.loading
             ]
-            for b in idle:
+            for b in targets:
                 cost = self.router.costs.load(
                     b, model, size, now, b.max_loaded_models, steered=True
                 )

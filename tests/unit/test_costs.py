@@ -83,6 +83,9 @@ def test_demand_learns_service_time_and_load_speed() -> None:
     assert demand.load_s("a", 10 * GB) == pytest.approx(0.5 + 10 / 2)
     demand.observe_load("a", 10 * GB, 10.5)  # 1 GB/s
     assert demand.load_s("a", 10 * GB) == pytest.approx(10.5)
+    assert demand.load_s("b", 10 * GB) == pytest.approx(10.5)  # untried: the fleet's speed
+    demand.observe_load("b", 10 * GB, 5.5)  # 2 GB/s
+    assert demand.load_s("c", 10 * GB) == pytest.approx(0.5 + 10 / 1.5)
     demand.start("a", "m")
     clock.now += 3
     demand.end("a", "m", 3.0)
