@@ -66,6 +66,13 @@ class Costs:
             left = max(left, since + self.demand.load_s(b.id, size) - now)
         return left
 
+    def load_left_s(self, b: BackendState, model: str, now: float) -> float:
+        """Seconds until ``model``'s load on ``b`` (started by corral) is expected to end."""
+        since = b.loading.get(model)
+        if since is None:
+            return 0.0
+        return since + self.demand.load_s(b.id, _size(b, model)) - now
+
     def holder_wait_s(self, holders: list[BackendState], model: str, now: float) -> float:
         """Expected wait for a slot on a backend holding ``model`` (every slot taken): the
         requests queued for it and this one, each holding a slot for the mean service time."""

@@ -226,8 +226,18 @@ class Router:
             open_ = [b for b in tier if b.id in free_ids]
             if not open_:
                 continue
-            least = min(b.in_flight / b.max_concurrent for b in open_)
-            return [b for b in open_ if not self._spills(b, least)]
+            # A copy still loading serves nothing until its load ends: a loaded holder with a
+            # slot goes first, and a loading one only if it is ready before a loaded one frees.
+            left = {b.id: self.costs.load_left_s(b, model_key, now) for b in open_}
+            ready = [b for b in open_ if left[b.id] <= 0]
+            if not ready:
+                loaded = [b for b in tier if self.costs.load_left_s(b, model_key, now) <= 0]
+                soonest = min(left.values())
+                if loaded and soonest > self.costs.holder_wait_s(loaded, model_key, now):
+                    return []
+                ready = [b for b in open_ if left[b.id] == soonest]
+            least = min(b.in_flight / b.max_concurrent for b in ready)
+            return [b for b in ready if not self._spills(b, least)]
         holders = on_gpu or partial
         others = [b for b in free if b not in holders]
         if not others:

@@ -363,3 +363,17 @@ def test_slots_are_per_model_as_ollamas_num_parallel() -> None:
     serve(r, b, "o", 4)
     assert b.in_flight == 12
     assert pick(r, "p") is None
+
+
+def test_a_copy_still_loading_waits_its_turn_behind_loaded_holders() -> None:
+    """A loaded holder with a slot beats a copy still loading; with every loaded holder full,
+    the loading copy takes the request only if its load ends before a loaded slot frees."""
+    a = gpu("a", 48, ("m", 14))
+    b = gpu("b", 48)
+    r, clock, _ = fleet(a, b)
+    b.loading["m:latest"] = clock.now  # a 14 GB load: about 7.5 s to go
+    assert all(pick(r, "m") is a for _ in range(5))
+    serve(r, a, "m", 4)
+    assert pick(r, "m") is None  # a's next free slot (about 1.25 s) comes first
+    clock.now += 7.0
+    assert pick(r, "m") is b
