@@ -219,6 +219,7 @@ class Admission:
                                 waiter.exclude,
                                 waiter.route,
                                 waiter.num_ctx,
+                                waiter.session,
                             )
                         )
                     except RoutingError:

@@ -244,6 +244,9 @@ class Forwarder:
                     stats = fields.pop("stats", None)
                     if stats:
                         self._learn(backend, key, stats, cold)
+                        if session is not None:
+                            prompt = stats.get("prompt_eval_count", stats.get("prompt_tokens", 0))
+                            self.router.note_context(session, prompt + fields["tokens"])
                     return status, backend.id, fields
                 # A retryable failure before any byte reached the client.
                 last_error = outcome

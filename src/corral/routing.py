@@ -137,11 +137,14 @@ class Router:
         exclude: Collection[str] = (),
         route: str = "",
         num_ctx: int | None = None,
+        session: str | None = None,
     ) -> list[BackendState]:
         """The backends :meth:`pick` would choose among now (empty: wait). No strategy call.
 
         With model affinity, a request waits for a backend holding its model rather than
-        start a cold load that costs more than the wait (see corral.costs).
+        start a cold load that costs more than the wait (see corral.costs), and a
+        conversation's turn waits for the backend holding its prompt when that is quicker
+        than computing the prompt again elsewhere.
         Raises ModelNotFoundError / NoBackendError as :meth:`eligible` does.
         """
         eligible, free = self.open_slots(model, model_key, exclude)
@@ -149,7 +152,36 @@ class Router:
             return free  # (only fallbacks are free when every GPU backend is down or full)
         if not self.settings.model_affinity:
             return self._prefer_room(free, model_key)
+        if session is not None and self._waits_for_its_cache(session, eligible, free, model_key):
+            return []
         return self._affine(eligible, free, model_key, num_ctx)
+
+    def _waits_for_its_cache(
+        self,
+        session: str,
+        eligible: list[BackendState],
+        free: list[BackendState],
+        model_key: str,
+    ) -> bool:
+        """The conversation's backend holds its prompt but has no slot now: wait for it when
+        its next free slot is expected sooner than the prompt would take to compute again on
+        another backend holding the model."""
+        if not self.settings.session_affinity or not (tokens := self._sessions.tokens(session)):
+            return False
+        held = self._sessions.get(session)
+        home = next((b for b in eligible if b.id == held), None)
+        if home is None or home in free or holding(home, model_key, None) != "gpu":
+            return False
+        others = [b for b in free if holding(b, model_key, None) == "gpu"]
+        if not others:
+            return False  # the other choice is a load, weighed by _affine
+        now = self._clock()
+        prefill_s = min(tokens / self.demand.prefill_tps(b.id) for b in others)
+        return self.costs.holder_wait_s([home], model_key, now) < prefill_s
+
+    def note_context(self, session: str, tokens: int) -> None:
+        """A conversation's answer left ``tokens`` (prompt and answer) in its backend's cache."""
+        self._sessions.note_tokens(session, tokens)
 
     def pick(
         self,
@@ -164,7 +196,7 @@ class Router:
 
         Raises ModelNotFoundError / NoBackendError as :meth:`eligible` does.
         """
-        free = self.free(model, model_key, exclude, route, num_ctx)
+        free = self.free(model, model_key, exclude, route, num_ctx, session)
         if not free:
             return None
         loads_model = model_key is not None and route != "show"

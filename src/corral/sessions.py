@@ -50,7 +50,8 @@ def session_key(header: str | None, route: str, data: dict[str, Any]) -> str | N
 
 
 class SessionMap:
-    """Conversation → backend id, least recently used first out, forgotten after a TTL."""
+    """Conversation → backend id (and the tokens its context held after its last answer),
+    least recently used first out, forgotten after a TTL."""
 
     def __init__(
         self,
@@ -60,6 +61,7 @@ class SessionMap:
         clock: Clock = time.monotonic,
     ) -> None:
         self._items: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._tokens: dict[str, int] = {}
         self._max = max_size
         self._ttl = ttl_s
         self._clock = clock
@@ -74,11 +76,22 @@ class SessionMap:
         backend_id, at = found
         if self._clock() - at > self._ttl:
             del self._items[key]
+            self._tokens.pop(key, None)
             return None
         return backend_id
+
+    def tokens(self, key: str) -> int:
+        """The tokens the conversation's context held after its last answer (0: unknown)."""
+        return self._tokens.get(key, 0)
+
+    def note_tokens(self, key: str, tokens: int) -> None:
+        """The conversation's last answer left ``tokens`` in its backend's prompt cache."""
+        if key in self._items:
+            self._tokens[key] = tokens
 
     def put(self, key: str, backend_id: str) -> None:
         self._items[key] = (backend_id, self._clock())
         self._items.move_to_end(key)
         while len(self._items) > self._max:
-            self._items.popitem(last=False)
+            gone, _ = self._items.popitem(last=False)
+            self._tokens.pop(gone, None)

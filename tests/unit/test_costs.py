@@ -377,3 +377,20 @@ def test_a_copy_still_loading_waits_its_turn_behind_loaded_holders() -> None:
     assert pick(r, "m") is None  # a's next free slot (about 1.25 s) comes first
     clock.now += 7.0
     assert pick(r, "m") is b
+
+
+def test_a_long_conversation_waits_for_its_cached_prompt_a_short_one_moves() -> None:
+    """The chat's backend is full. With 30,000 tokens of context cached there, the next turn
+    waits for its slot (about 1.25 s) rather than prefill it all elsewhere (about 15 s); with
+    100 tokens it goes to the other backend holding the model at once."""
+    a = gpu("a", 48, ("m", 14))
+    b = gpu("b", 48, ("m", 14))
+    r, _, _ = fleet(a, b)
+    b.in_flight = 1  # the first turn goes to a (least connections)
+    assert pick(r, "m", session="c:1") is a
+    b.in_flight = 0
+    serve(r, a, "m", 4)
+    r.note_context("c:1", 30_000)
+    assert pick(r, "m", session="c:1") is None
+    r.note_context("c:1", 100)
+    assert pick(r, "m", session="c:1") is b
