@@ -16,8 +16,8 @@ from corral.metrics import Metrics
 from corral.sessions import SessionMap
 from corral.strategies import RequestInfo, Strategy, create_strategy, weight_for_vram
 
-# A new copy of a model that evicts an idle one is loaded on a burst alone only when waiting
-# for a holder is expected to take this many times longer than the load.
+# A new copy of a model is loaded on a burst alone only when waiting for a holder is expected
+# to take this many times longer than the load.
 COPY_ON_WAIT = 3.0
 
 
@@ -278,9 +278,9 @@ class Router:
         options = [self.costs.load(b, model_key, size, now, b.max_loaded_models) for b in others]
         if holders:
             # Every holder is full. A second copy only where it evicts nothing in demand and
-            # waits for nothing busy, and only when waiting would cost more. Where it evicts
-            # an idle model, also only once demand has exceeded what the holders serve over
-            # the window (or the wait is far longer than the load): not on one burst.
+            # waits for nothing busy, when waiting would cost more, and only once demand has
+            # exceeded what the holders serve over the window (or the wait is far longer than
+            # the load): not on one burst.
             copies = [o for o in options if not (o.evicts_in_demand or o.blocked or o.partial)]
             if not copies:
                 return []
@@ -288,7 +288,7 @@ class Router:
             wait = self.costs.holder_wait_s(holders, model_key, now)
             if wait <= best.total_s:
                 return []
-            if best.evicts and not (
+            if not (
                 wait > COPY_ON_WAIT * best.total_s or self.costs.needs_copy(holders, model_key)
             ):
                 return []

@@ -115,20 +115,33 @@ def test_a_burst_does_not_start_a_load_that_evicts_a_model_in_demand() -> None:
     assert other.loading == {}
 
 
-def test_a_copy_goes_to_free_room_only_when_the_wait_would_be_longer_than_the_load() -> None:
-    """The holder of m is full. Two requests queued: the wait (about 3.75 s) is shorter than a
-    14 GB load (7.5 s), so the request waits; ten queued (13.75 s): the copy is loaded on the
-    GPU with free room, where it evicts nothing."""
+def test_a_copy_goes_to_free_room_only_when_the_wait_is_far_longer_than_the_load() -> None:
+    """The holder of m is full. Ten requests queued: the wait (about 13.75 s) is longer than a
+    14 GB load (7.5 s) but not three times: one burst, so they wait. Thirty queued (about
+    38.75 s): the copy is loaded on the GPU with free room, where it evicts nothing."""
     holder = gpu("holder", 48, ("m", 14))
     roomy = gpu("roomy", 48)
     r, _, metrics = fleet(holder, roomy)
     serve(r, holder, "m", 4)
-    r.demand.queue("m:latest", 2)
+    r.demand.queue("m:latest", 10)
     assert pick(r, "m") is None
-    r.demand.queue("m:latest", 8)
+    r.demand.queue("m:latest", 20)
     assert pick(r, "m") is roomy
     assert "m:latest" in roomy.loading
     assert counter(metrics, "corral_cold_loads_total", "roomy") == 1
+
+
+def test_a_copy_follows_demand_over_the_window() -> None:
+    """Ten queued for the full holder: not on the burst, but once the requests for m have
+    exceeded the holder's slots over the window, a copy goes to the GPU with room."""
+    holder = gpu("holder", 48, ("m", 14))
+    roomy = gpu("roomy", 48)
+    r, clock, _ = fleet(holder, roomy)
+    serve(r, holder, "m", 4)
+    r.demand.queue("m:latest", 10)
+    assert pick(r, "m") is None
+    clock.now += 45
+    assert pick(r, "m") is roomy
 
 
 def test_a_copy_that_evicts_an_idle_model_waits_for_demand_over_the_window() -> None:
