@@ -54,6 +54,12 @@ def serve(r: Router, b: BackendState, model: str, n: int = 1) -> None:
         b.in_flight += 1
 
 
+def used(r: Router, backend_id: str, model: str) -> None:
+    """One request for ``model`` went to ``backend_id`` and ended (it is in demand there now)."""
+    r.demand.start(backend_id, model)
+    r.demand.end(backend_id, model, 1.0)
+
+
 def pick(r: Router, model: str, **kw: object) -> BackendState | None:
     return r.pick(model, normalize_model(model), "chat", **kw)  # type: ignore[arg-type]
 
@@ -150,8 +156,7 @@ def test_a_copy_that_evicts_an_idle_model_waits_for_demand_over_the_window() -> 
     holder = gpu("holder", 48, ("m", 14))
     other = gpu("other", 24, ("n", 9), ("p", 5))
     r, clock, _ = fleet(holder, other)
-    r.demand.start("other", "n:latest")
-    r.demand.end("other", "n:latest", 1.0)
+    used(r, "other", "n:latest")
     clock.now += 300
     serve(r, holder, "m", 4)
     r.demand.queue("m:latest", 10)
@@ -317,21 +322,18 @@ async def test_a_copy_steers_the_eviction_and_never_evicts_what_is_in_demand() -
     holder = gpu("holder", 48, ("m", 14))
     idle = gpu("idle", 24, ("n", 9), ("o", 5))
     r, clock, _ = fleet(holder, idle)
-    r.demand.start("idle", "n:latest")
-    r.demand.end("idle", "n:latest", 1.0)
+    used(r, "idle", "n:latest")
     serve(r, holder, "m", 4)
     r.demand.queue("m:latest", 3)
     clock.now += 60
-    r.demand.start("idle", "o:latest")
-    r.demand.end("idle", "o:latest", 1.0)
+    used(r, "idle", "o:latest")
     rep, sent = replicator(r, clock)
     assert await rep.run_pass() == ("m:latest", "idle")
     assert [body for _, body in sent] == [
         {"model": "n", "prompt": "", "stream": False, "keep_alive": 0},
         {"model": "m:latest", "prompt": "", "stream": False},
     ]
-    r.demand.start("idle", "n:latest")
-    r.demand.end("idle", "n:latest", 1.0)
+    used(r, "idle", "n:latest")
     idle.loading.clear()
     sent.clear()
     assert await rep.run_pass() is None
@@ -342,8 +344,7 @@ async def test_a_model_in_demand_and_held_nowhere_is_loaded_back_ahead_of_its_re
     """m was used a moment ago and Ollama unloaded it: it is loaded again on an idle GPU."""
     a = gpu("a", 48)
     r, clock, _ = fleet(a)
-    r.demand.start("a", "m:latest")
-    r.demand.end("a", "m:latest", 1.0)
+    used(r, "a", "m:latest")
     rep, _ = replicator(r, clock)
     assert await rep.run_pass() == ("m:latest", "a")
 
@@ -352,14 +353,12 @@ async def test_no_copy_of_a_model_the_admin_just_unloaded() -> None:
     """An admin's unload stands: the model is not loaded back for ten minutes."""
     a = gpu("a", 48)
     r, clock, _ = fleet(a)
-    r.demand.start("a", "m:latest")
-    r.demand.end("a", "m:latest", 1.0)
+    used(r, "a", "m:latest")
     rep, _ = replicator(r, clock)
     rep.pause("m")
     assert await rep.run_pass() is None
     clock.now += 601
-    r.demand.start("a", "m:latest")
-    r.demand.end("a", "m:latest", 1.0)
+    used(r, "a", "m:latest")
     assert await rep.run_pass() == ("m:latest", "a")
 
 
