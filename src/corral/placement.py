@@ -420,19 +420,7 @@ class PlacementManager:
         await self._post(b, body)
 
     async def _post(self, b: BackendState, body: dict[str, Any]) -> None:
-        status, answer = await self._call(b, "/api/generate", body)
-        if status == 400 and "does not support generate" in _error(answer):
-            # An embedding-only model: /api/embed with no input loads (or unloads) it.
-            embed = {k: v for k, v in body.items() if k not in ("prompt", "stream")}
-            status, answer = await self._call(b, "/api/embed", {**embed, "input": ""})
-        if status >= 400:
-            raise PlacementError(f"{b.id}: HTTP {status}: {_error(answer) or 'no error text'}")
-
-    async def _call(self, b: BackendState, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        try:
-            return await self._send(b.url + path, body)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise PlacementError(f"{b.id}: {exc!r}") from None
+        await post_load(self._send, b, body)
 
     # Accounting -----------------------------------------------------------------------------
 
@@ -442,6 +430,24 @@ class PlacementManager:
 
     def _count(self, action: str, backend: str) -> None:
         self.metrics.placement_actions.labels(action=action, backend=backend).inc()
+
+
+async def post_load(send: Send, b: BackendState, body: dict[str, Any]) -> None:
+    """A load or unload (an empty ``/api/generate``; ``/api/embed`` with no input for an
+    embedding-only model). Raises PlacementError when the backend refuses or fails."""
+
+    async def call(path: str, payload: dict[str, Any]) -> tuple[int, Any]:
+        try:
+            return await send(b.url + path, payload)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise PlacementError(f"{b.id}: {exc!r}") from None
+
+    status, answer = await call("/api/generate", body)
+    if status == 400 and "does not support generate" in _error(answer):
+        embed = {k: v for k, v in body.items() if k not in ("prompt", "stream")}
+        status, answer = await call("/api/embed", {**embed, "input": ""})
+    if status >= 400:
+        raise PlacementError(f"{b.id}: HTTP {status}: {_error(answer) or 'no error text'}")
 
 
 def _error(answer: Any) -> str:

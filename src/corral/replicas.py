@@ -22,7 +22,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import structlog
 
 from corral import inventory
@@ -30,7 +29,7 @@ from corral.backends import BackendRegistry, BackendState, normalize_model
 from corral.config import PlacementSettings
 from corral.costs import LoadCost, holding
 from corral.metrics import Metrics
-from corral.placement import PlacementError, Send, name_on
+from corral.placement import PlacementError, Send, name_on, post_load
 from corral.routing import Router, rank
 
 log = structlog.get_logger("corral.placement")
@@ -139,14 +138,10 @@ class Replicator:
     async def _post(self, b: BackendState, model: str, extra: dict[str, Any]) -> None:
         body = {"model": name_on(b, model, model), "prompt": "", "stream": False, **extra}
         try:
-            status, answer = await self._send(b.url + "/api/generate", body)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            await post_load(self._send, b, body)
+        except PlacementError:
             self._count("error", b.id)
-            raise PlacementError(f"{b.id}: {exc!r}") from None
-        if status >= 400:
-            self._count("error", b.id)
-            text = answer.get("error") if isinstance(answer, dict) else None
-            raise PlacementError(f"{b.id}: HTTP {status}: {text or 'no error text'}")
+            raise
 
     def _changed(self, action: str, model: str, b: BackendState, reason: str) -> None:
         log.info("placement", action=action, model=model, backend=b.id, reason=reason)
