@@ -21,11 +21,11 @@ from typing import Any
 
 from _stats import percentile
 
-from corral.admission import Admission
-from corral.backends import BackendRegistry, BackendState, normalize_model
+from corral.balancer.admission import Admission
+from corral.balancer.routing import Router
 from corral.config import BalancerSettings, QueueSettings
+from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
 from corral.metrics import Metrics
-from corral.routing import Router
 from corral.strategies import strategy_names
 
 GIB = 1024**3

@@ -9,14 +9,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
-from corral.admin import health_routes, router
+from corral.admin.api import health_routes, router
+from corral.admin.ui import ui_routes
 from corral.config import Settings
-from corral.fanout import FanOut
-from corral.gpu import GpuSampler
-from corral.ollama_routes import OllamaFront
-from corral.proxy import Receive, Scope, Send
+from corral.fleet.gpu import GpuSampler
+from corral.proxy.fanout import FanOut
+from corral.proxy.forward import Receive, Scope, Send
+from corral.proxy.front import OllamaFront
 from corral.runtime import Runtime
-from corral.ui import ui_routes
 from corral.upstream import Upstream
 
 

@@ -7,22 +7,22 @@ import time
 
 import structlog
 
-from corral.admission import Admission
 from corral.auth import ClientAuth
-from corral.backends import BackendRegistry, BackendState
+from corral.balancer.admission import Admission
+from corral.balancer.replicas import Replicator
+from corral.balancer.routing import Router
 from corral.config import Settings
 from corral.errors import DuplicateBackendError
-from corral.gpu import GpuSampler, NullSampler, open_sampler
-from corral.gpu.poller import GpuPoller
-from corral.health import HealthChecker
-from corral.inventory import ResidencyCollector
+from corral.fleet.backends import BackendRegistry, BackendState
+from corral.fleet.gpu import GpuSampler, NullSampler, open_sampler
+from corral.fleet.gpu.poller import GpuPoller
+from corral.fleet.health import HealthChecker
+from corral.fleet.inventory import ResidencyCollector
+from corral.fleet.placement import PlacementManager, http_sender
+from corral.fleet.state import StateFile
 from corral.lifecycle import Lifecycle
 from corral.metrics import Metrics
-from corral.placement import PlacementManager, http_sender
-from corral.proxy import Forwarder
-from corral.replicas import Replicator
-from corral.routing import Router
-from corral.state import StateFile
+from corral.proxy.forward import Forwarder
 from corral.systemd import sd_notify
 from corral.upstream import Upstream
 

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.ollama_routes import MANAGEMENT, ROUTED
+from corral.proxy.front import MANAGEMENT, ROUTED
 from corral.sim.harness import SimProcess
 from tests.fuzz.conftest import (
     ADMIN_KEY,

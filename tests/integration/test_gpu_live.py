@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from corral.gpu import NvmlSampler
+from corral.fleet.gpu import NvmlSampler
 from corral.sim.config import GIB, SimModel, default_models
 from tests.fake_nvml import FakeNvml, h100_idle, l4_idle
 from tests.integration.test_failover import metric, poll

@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from corral.admission import Admission, parse_priority
-from corral.backends import BackendRegistry, BackendState
+from corral.balancer.admission import Admission, parse_priority
+from corral.balancer.routing import Router
 from corral.config import BalancerSettings, QueueSettings
 from corral.errors import NoBackendError
+from corral.fleet.backends import BackendRegistry, BackendState
 from corral.metrics import Metrics
-from corral.routing import Router
 
 LOW, NORMAL, HIGH, URGENT = 0, 1, 2, 3
 

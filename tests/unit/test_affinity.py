@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-from corral import inventory
-from corral.backends import BackendRegistry, BackendState, normalize_model
+from corral.balancer.routing import Router
+from corral.balancer.sessions import SessionMap, session_key
 from corral.config import BalancerSettings
+from corral.fleet import inventory
+from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
 from corral.metrics import Metrics
-from corral.routing import Router
-from corral.sessions import SessionMap, session_key
 from tests.unit.test_routing import FakeClock, backend, loaded
 
 GB = 10**9

@@ -11,8 +11,8 @@ import pytest
 import respx
 from typer.testing import CliRunner
 
-from corral.cli import app
-from corral.gpu import detect_local_gpus
+from corral.cli.main import app
+from corral.fleet.gpu import detect_local_gpus
 from tests.fake_nvml import FakeNvml, h100_idle, l4_idle
 
 runner = CliRunner()
@@ -173,7 +173,7 @@ def _fake_detect(nvml: FakeNvml) -> Any:
 def test_gpus_lists_this_hosts_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """`corral gpus`: one row per NVML GPU with memory, utilization, temperature and power."""
     monkeypatch.setattr(
-        "corral.gpu.detect_local_gpus", _fake_detect(FakeNvml([h100_idle(), l4_idle()]))
+        "corral.fleet.gpu.detect_local_gpus", _fake_detect(FakeNvml([h100_idle(), l4_idle()]))
     )
     result = runner.invoke(app, ["gpus"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
@@ -188,13 +188,13 @@ def test_gpus_lists_this_hosts_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_gpus_json_and_no_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     """--json gives the readings; with no NVML the reason is printed and the exit code is 1."""
-    monkeypatch.setattr("corral.gpu.detect_local_gpus", _fake_detect(FakeNvml()))
+    monkeypatch.setattr("corral.fleet.gpu.detect_local_gpus", _fake_detect(FakeNvml()))
     result = runner.invoke(app, ["gpus", "--json"])
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["error"] is None
     assert data["gpus"][0]["memory_total_bytes"] == 85520809984
-    monkeypatch.setattr("corral.gpu.detect_local_gpus", _fake_detect(FakeNvml(missing=True)))
+    monkeypatch.setattr("corral.fleet.gpu.detect_local_gpus", _fake_detect(FakeNvml(missing=True)))
     result = runner.invoke(app, ["gpus"])
     assert result.exit_code == 1
     assert "no GPU found: NVML is not available: NVML Shared Library Not Found" in result.output

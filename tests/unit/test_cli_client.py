@@ -11,7 +11,7 @@ import pytest
 import respx
 from typer.testing import CliRunner, Result
 
-from corral.cli import app
+from corral.cli.main import app
 from tests.unit import test_cli
 
 runner = CliRunner()
@@ -103,7 +103,7 @@ def ctrl_c_on_nap(monkeypatch: pytest.MonkeyPatch, naps: int) -> list[float]:
         if len(taken) == naps:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("corral.cli_client.time.sleep", nap)
+    monkeypatch.setattr("corral.cli.client.time.sleep", nap)
     return taken
 
 
@@ -259,7 +259,7 @@ def test_status_watch_keeps_going_when_corral_is_briefly_unreachable(
 def test_status_watch_stops_on_a_refused_key(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 401 while watching is not retried: one line, exit 1."""
     respx.get(f"{API}/loads").mock(return_value=httpx.Response(401, json={"detail": "no"}))
-    monkeypatch.setattr("corral.cli_client.time.sleep", lambda s: None)
+    monkeypatch.setattr("corral.cli.client.time.sleep", lambda s: None)
     result = runner.invoke(app, ["status", "--watch", "--url", URL])
     assert "admin key" in one_error_line(result)
 

@@ -9,7 +9,7 @@ import httpx
 import respx
 from typer.testing import CliRunner
 
-from corral.cli import app
+from corral.cli.main import app
 
 runner = CliRunner()
 URL = "http://corral.test:11434"

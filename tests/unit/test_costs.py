@@ -1,5 +1,5 @@
 """Placement by cost: wait for a holder or load a copy, what a load evicts and stalls, demand
-over a window, context lengths and conversations (corral.costs, corral.demand, the router)."""
+over a window, context lengths and conversations (balancer.costs, balancer.demand, the router)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from corral.backends import BackendRegistry, BackendState, normalize_model
+from corral.balancer.costs import holding
+from corral.balancer.demand import Demand, Level
+from corral.balancer.replicas import Replicator
+from corral.balancer.routing import Router
 from corral.config import BalancerSettings, PlacementSettings
-from corral.costs import holding
-from corral.demand import Demand, Level
+from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
 from corral.metrics import Metrics
-from corral.replicas import Replicator
-from corral.routing import Router
 from tests.unit.test_routing import FakeClock, backend
 
 GB = 10**9

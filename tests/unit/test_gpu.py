@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from corral.backends import BackendRegistry, BackendState, normalize_model
+from corral.balancer.routing import Router
 from corral.config import BalancerSettings, GpuSettings, load_config
 from corral.errors import ConfigError
-from corral.gpu import NullSampler, NvmlSampler, detect_local_gpus, open_sampler
-from corral.gpu.dcgm import DcgmFormatError, parse_dcgm
-from corral.gpu.poller import GpuPoller
+from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
+from corral.fleet.gpu import NullSampler, NvmlSampler, detect_local_gpus, open_sampler
+from corral.fleet.gpu.dcgm import DcgmFormatError, parse_dcgm
+from corral.fleet.gpu.poller import GpuPoller
 from corral.metrics import Metrics
-from corral.routing import Router
 from tests.fake_nvml import FakeNvml, h100_idle, l4_idle, load_sample
 from tests.unit.test_routing import FakeClock, loaded
 

@@ -10,10 +10,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from corral import init_cmd
+from corral.cli import init as init_cmd
+from corral.cli.init import HostFacts, init_command, next_steps
 from corral.config import load_config
-from corral.gpu import GpuReading
-from corral.init_cmd import HostFacts, init_command, next_steps
+from corral.fleet.gpu import GpuReading
 
 REPO_UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 

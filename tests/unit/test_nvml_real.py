@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from corral.gpu import NvmlSampler, detect_local_gpus
+from corral.fleet.gpu import NvmlSampler, detect_local_gpus
 
 GPUS, REASON = detect_local_gpus()
 pytestmark = pytest.mark.skipif(not GPUS, reason=f"no NVIDIA GPU here: {REASON}")

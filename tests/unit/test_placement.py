@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from corral import inventory
-from corral.backends import BackendRegistry, BackendState
 from corral.config import PlacementSettings, load_config
 from corral.errors import ConfigError, UnknownBackendError
+from corral.fleet import inventory
+from corral.fleet.backends import BackendRegistry, BackendState
+from corral.fleet.placement import NotInstalledError, PlacementManager, expiry, lru, plan_room
 from corral.metrics import Metrics
-from corral.placement import NotInstalledError, PlacementManager, expiry, lru, plan_room
 
 GIB = 1024**3
 NOW = 1_800_000_000.0

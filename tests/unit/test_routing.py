@@ -6,13 +6,13 @@ import asyncio
 
 import pytest
 
-from corral.admission import Admission
-from corral.backends import BackendRegistry, BackendState, normalize_model
+from corral.balancer.admission import Admission
+from corral.balancer.routing import Router
 from corral.config import BalancerSettings, HealthSettings, QueueSettings, TimeoutSettings
 from corral.errors import ModelNotFoundError, NoBackendError
-from corral.health import HealthChecker
+from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
+from corral.fleet.health import HealthChecker
 from corral.metrics import Metrics
-from corral.routing import Router
 from corral.upstream import Upstream
 
 
@@ -282,7 +282,7 @@ def test_reachable_again_lifts_a_transport_ejection_only() -> None:
 
 def test_retry_budget_holds_under_a_storm() -> None:
     """1000 failing requests: retries stay near 20% of them plus the per-second floor."""
-    from corral.proxy import RetryBudget
+    from corral.proxy.forward import RetryBudget
 
     clock = FakeClock()
     budget = RetryBudget(0.2, 3, clock=clock)
@@ -298,7 +298,7 @@ def test_retry_budget_holds_under_a_storm() -> None:
 
 def test_retry_budget_refills_for_a_quiet_service() -> None:
     """With little traffic the per-second floor still allows the occasional retry."""
-    from corral.proxy import RetryBudget
+    from corral.proxy.forward import RetryBudget
 
     clock = FakeClock()
     budget = RetryBudget(0.2, 1, clock=clock)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from corral import init_cmd
+from corral.cli import init as init_cmd
 from corral.config import ServerSettings
-from corral.gpu import GpuReading
+from corral.fleet.gpu import GpuReading
 from tests.conftest import require_tool
 
 UNITS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"

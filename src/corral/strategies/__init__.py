@@ -9,9 +9,10 @@ from __future__ import annotations
 import random
 
 from corral.errors import UnknownStrategyError
+from corral.fleet.backends import Candidate
+from corral.fleet.ewma import PeakEwma
 from corral.strategies._common import RandomizedStrategy
-from corral.strategies.base import Candidate, RequestInfo, Strategy
-from corral.strategies.ewma import PeakEwma
+from corral.strategies.base import RequestInfo, Strategy
 from corral.strategies.load import LeastConnections, LeastResponseTime
 from corral.strategies.rotation import (
     EqualWeighted,

@@ -6,7 +6,8 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from corral.strategies.base import Candidate, RequestInfo
+from corral.fleet.backends import Candidate
+from corral.strategies.base import RequestInfo
 
 
 class RandomizedStrategy:

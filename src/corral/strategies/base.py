@@ -4,27 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
-
-class Candidate(NamedTuple):
-    """What a strategy may know about one eligible backend, frozen at decision time.
-
-    A NamedTuple, not a frozen dataclass: one is built per eligible backend on every pick,
-    and a tuple is several times cheaper to build.
-    """
-
-    id: str
-    weight: float = 1.0
-    in_flight: int = 0
-    max_concurrent: int = 4
-    total_requests: int = 0
-    # Peak-EWMA of time to first token in seconds; None while the backend is untried.
-    ewma_ttft_s: float | None = None
-    # 0..1 over the recent window; 1.0 when nothing is known yet.
-    success_rate: float = 1.0
-    # 0..1: fraction of recent health probes that succeeded.
-    availability: float = 1.0
+from corral.fleet.backends import Candidate
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from corral.fleet.backends import Candidate
 from corral.strategies._common import RandomizedStrategy, lowest
-from corral.strategies.base import Candidate, RequestInfo
+from corral.strategies.base import RequestInfo
 
 
 def _utilisation(candidate: Candidate) -> float:

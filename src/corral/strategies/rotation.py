@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from corral.fleet.backends import Candidate
 from corral.strategies._common import RandomizedStrategy, next_after
-from corral.strategies.base import Candidate, RequestInfo
+from corral.strategies.base import RequestInfo
 
 _GB = 10**9
 

@@ -6,8 +6,9 @@ import math
 import random
 from collections.abc import Sequence
 
+from corral.fleet.backends import Candidate
 from corral.strategies._common import RandomizedStrategy, lowest
-from corral.strategies.base import Candidate, RequestInfo
+from corral.strategies.base import RequestInfo
 
 DEFAULT_SCORE_WEIGHTS: tuple[float, float, float] = (0.5, 0.3, 0.2)
 

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from corral.backends import Clock
+from corral.fleet.backends import Clock
 
 MAX_SESSIONS = 10_000
 SESSION_TTL_S = 1800.0

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from prometheus_client.core import GaugeMetricFamily
 
-from corral.backends import BackendRegistry, BackendState, normalize_model
+from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
 
 Where = Literal["gpu", "partial", "cpu"]
 # A "loading" mark lasts until /api/ps lists the model, or this long.

@@ -16,11 +16,11 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from corral.backends import BackendState, Clock
+from corral.balancer.routing import Router, backend_cap, demand_key
 from corral.config import QueueSettings
 from corral.errors import NoBackendError, RoutingError
+from corral.fleet.backends import BackendState, Clock
 from corral.metrics import Metrics
-from corral.routing import Router, backend_cap, demand_key
 
 PRIORITIES: dict[str, int] = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
 PRIORITY_NAMES = {rank: name for name, rank in PRIORITIES.items()}

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from corral.cli_client import (
+from corral.cli.client import (
     API,
     DEFAULT_URL,
     ApiError,

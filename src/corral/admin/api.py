@@ -14,12 +14,12 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral import inventory
 from corral.auth import admin_denial
-from corral.backends import BackendState
 from corral.config import BackendSettings
 from corral.errors import DuplicateBackendError, UnknownBackendError, UnknownStrategyError
-from corral.placement import NotInstalledError
+from corral.fleet import inventory
+from corral.fleet.backends import BackendState
+from corral.fleet.placement import NotInstalledError
 from corral.runtime import Runtime
 
 

@@ -352,7 +352,7 @@ def gpus(
             raise typer.Exit(1)
         console.print(gpu_table(data["gpus"], f"GPUs read by corral at {url}"))
         return
-    from corral.gpu import detect_local_gpus
+    from corral.fleet.gpu import detect_local_gpus
 
     found, reason = detect_local_gpus()
     if as_json:

@@ -26,9 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from corral import inventory
-from corral.backends import BackendState
-from corral.demand import Demand
+from corral.balancer.demand import Demand
+from corral.fleet import inventory
+from corral.fleet.backends import BackendState
 
 
 @dataclass(frozen=True, slots=True)

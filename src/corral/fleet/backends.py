@@ -7,12 +7,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from corral.config import BackendSettings
 from corral.errors import DuplicateBackendError, UnknownBackendError
-from corral.strategies.base import Candidate
-from corral.strategies.ewma import PeakEwma
+from corral.fleet.ewma import PeakEwma
 
 Clock = Callable[[], float]
 
@@ -24,6 +23,26 @@ def normalize_model(name: str) -> str:
     if ":" not in last:
         name += ":latest"
     return name
+
+
+class Candidate(NamedTuple):
+    """What a strategy may know about one eligible backend, frozen at decision time.
+
+    A NamedTuple, not a frozen dataclass: one is built per eligible backend on every pick,
+    and a tuple is several times cheaper to build.
+    """
+
+    id: str
+    weight: float = 1.0
+    in_flight: int = 0
+    max_concurrent: int = 4
+    total_requests: int = 0
+    # Peak-EWMA of time to first token in seconds; None while the backend is untried.
+    ewma_ttft_s: float | None = None
+    # 0..1 over the recent window; 1.0 when nothing is known yet.
+    success_rate: float = 1.0
+    # 0..1: fraction of recent health probes that succeeded.
+    availability: float = 1.0
 
 
 @dataclass

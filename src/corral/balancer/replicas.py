@@ -2,7 +2,7 @@
 
 The router decides one request at a time. This loop looks at the fleet every
 ``placement.demand_interval_s``: a model whose demand over the window exceeded what its
-holders serve (corral.costs.Costs.needs_copy), or a model asked for recently that no backend
+holders serve (``Costs.needs_copy``), or a model asked for recently that no backend
 holds any more, is loaded on a backend that is not loading already (Ollama serves its loaded
 models while it loads another) where that evicts nothing in demand, waits for no busy model
 and does not spill to the CPU; of those, where it costs least (big models to big GPUs, quiet
@@ -24,13 +24,13 @@ from typing import Any
 
 import structlog
 
-from corral import inventory
-from corral.backends import BackendRegistry, BackendState, normalize_model
+from corral.balancer.costs import LoadCost, holding
+from corral.balancer.routing import Router, rank
 from corral.config import PlacementSettings
-from corral.costs import LoadCost, holding
+from corral.fleet import inventory
+from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
+from corral.fleet.placement import PlacementError, Send, name_on, post_load
 from corral.metrics import Metrics
-from corral.placement import PlacementError, Send, name_on, post_load
-from corral.routing import Router, rank
 
 log = structlog.get_logger("corral.placement")
 

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from corral.backends import BackendRegistry, BackendState, Clock
 from corral.config import GpuSettings
-from corral.gpu.dcgm import parse_dcgm
-from corral.gpu.sampler import GpuReading, GpuSampler, NullSampler
+from corral.fleet.backends import BackendRegistry, BackendState, Clock
+from corral.fleet.gpu.dcgm import parse_dcgm
+from corral.fleet.gpu.sampler import GpuReading, GpuSampler, NullSampler
 from corral.metrics import Metrics
 
 log = structlog.get_logger("corral.gpu")

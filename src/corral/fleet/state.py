@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from corral.backends import BackendState
+from corral.fleet.backends import BackendState
 
 log = structlog.get_logger("corral.state")
 

@@ -1,6 +1,6 @@
 """GPUs: samplers (NVML, DCGM exporter, null), the poller, and what routing asks of them."""
 
-from corral.gpu.sampler import (
+from corral.fleet.gpu.sampler import (
     GpuReading,
     GpuSampler,
     GpuUnavailableError,

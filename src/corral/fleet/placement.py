@@ -44,10 +44,10 @@ from typing import Any, Literal
 import aiohttp
 import structlog
 
-from corral import inventory
-from corral.backends import BackendRegistry, BackendState, normalize_model
 from corral.config import PlacementSettings
 from corral.errors import CorralError
+from corral.fleet import inventory
+from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
 from corral.metrics import Metrics
 from corral.upstream import Upstream
 

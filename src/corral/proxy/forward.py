@@ -13,13 +13,13 @@ from typing import Any
 import aiohttp
 import structlog
 
-from corral.admission import Admission
-from corral.backends import BackendRegistry, BackendState
+from corral.balancer.admission import Admission
+from corral.balancer.routing import demand_key
 from corral.config import BalancerSettings
 from corral.errors import NoBackendError, RoutingError, UpstreamError
-from corral.health import HealthChecker
+from corral.fleet.backends import BackendRegistry, BackendState
+from corral.fleet.health import HealthChecker
 from corral.metrics import Metrics
-from corral.routing import demand_key
 from corral.upstream import TRANSPORT_ERRORS, Upstream
 
 Scope = MutableMapping[str, Any]

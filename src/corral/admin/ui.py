@@ -20,8 +20,8 @@ _HEADERS = {
 
 
 def page() -> bytes:
-    """The status page's HTML, shipped as package data (``corral/ui/index.html``)."""
-    return (files("corral") / "ui" / "index.html").read_bytes()
+    """The status page's HTML, shipped as package data (``corral/admin/ui.html``)."""
+    return (files("corral.admin") / "ui.html").read_bytes()
 
 
 def ui_routes() -> APIRouter:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from corral.config import ServerSettings
-from corral.gpu import GpuReading, detect_local_gpus
+from corral.fleet.gpu import GpuReading, detect_local_gpus
 
 GIB = 1024**3
 MAX_CONCURRENT = 4  # per backend; OLLAMA_NUM_PARALLEL in its env file matches it
@@ -42,7 +42,7 @@ class HostFacts:
 
 def probe_host() -> HostFacts:
     """This host's facts."""
-    checkout = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+    checkout = Path(__file__).resolve().parents[3] / "deploy" / "systemd"
     return HostFacts(
         ollama_installed=Path("/usr/local/bin/ollama").exists(),
         ollama_unit=Path("/etc/systemd/system/ollama.service").exists(),

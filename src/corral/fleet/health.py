@@ -8,9 +8,9 @@ import time
 
 import structlog
 
-from corral import inventory
-from corral.backends import BackendRegistry, BackendState, Clock
 from corral.config import HealthSettings
+from corral.fleet import inventory
+from corral.fleet.backends import BackendRegistry, BackendState, Clock
 from corral.metrics import Metrics
 from corral.upstream import Upstream
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from corral.gpu.sampler import MIB, GpuReading
+from corral.fleet.gpu.sampler import MIB, GpuReading
 
 # dcgm-exporter's default fields and what corral makes of them.
 _FIELDS = {

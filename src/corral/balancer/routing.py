@@ -6,14 +6,14 @@ import time
 from collections.abc import Collection
 from typing import Any
 
-from corral import inventory
-from corral.backends import BackendRegistry, BackendState, Clock
+from corral.balancer.costs import Costs, LoadCost, holding
+from corral.balancer.demand import Demand
+from corral.balancer.sessions import SessionMap
 from corral.config import BalancerSettings
-from corral.costs import Costs, LoadCost, holding
-from corral.demand import Demand
 from corral.errors import ModelNotFoundError, NoBackendError
+from corral.fleet import inventory
+from corral.fleet.backends import BackendRegistry, BackendState, Clock
 from corral.metrics import Metrics
-from corral.sessions import SessionMap
 from corral.strategies import RequestInfo, Strategy, create_strategy, weight_for_vram
 
 # A new copy of a model is loaded on a burst alone only when waiting for a holder is expected
@@ -142,7 +142,7 @@ class Router:
         """The backends :meth:`pick` would choose among now (empty: wait). No strategy call.
 
         With model affinity, a request waits for a backend holding its model rather than
-        start a cold load that costs more than the wait (see corral.costs), and a
+        start a cold load that costs more than the wait (see corral.balancer.costs), and a
         conversation's turn waits for the backend holding its prompt when that is quicker
         than computing the prompt again elsewhere.
         Raises ModelNotFoundError / NoBackendError as :meth:`eligible` does.

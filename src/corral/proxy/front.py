@@ -18,13 +18,14 @@ from typing import Any
 
 import structlog
 
-from corral.admission import parse_priority
 from corral.auth import ClientAuth, ClientKey, presented_key
-from corral.backends import BackendRegistry, normalize_model
+from corral.balancer.admission import parse_priority
+from corral.balancer.sessions import session_key
 from corral.errors import ModelNotFoundError, NoBackendError, RoutingError
-from corral.fanout import FanOut
+from corral.fleet.backends import BackendRegistry, normalize_model
 from corral.metrics import Metrics
-from corral.proxy import (
+from corral.proxy.fanout import FanOut
+from corral.proxy.forward import (
     HOP_BY_HOP,
     Forwarder,
     Message,
@@ -35,7 +36,6 @@ from corral.proxy import (
     Send,
     UpstreamStatusError,
 )
-from corral.sessions import session_key
 from corral.upstream import Upstream
 
 log = structlog.get_logger("corral.access")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from corral import __version__
-from corral.cli_client import client_app, console, err
+from corral.cli.client import client_app, console, err
 from corral.config import Settings, load_config
 from corral.errors import ConfigError
 
@@ -89,7 +89,7 @@ def demo(
     strategy: Annotated[str, typer.Option(help="Strategy.")] = "least_connections",
 ) -> None:
     """Run corral in front of two simulated GPUs (a fast one and a slow one)."""
-    from corral.demo import run_demo
+    from corral.cli.demo import run_demo
 
     run_demo(port=port, strategy=strategy)
 
@@ -104,7 +104,7 @@ _register_sim()
 
 
 def _register_init() -> None:
-    from corral.init_cmd import init_command
+    from corral.cli.init import init_command
 
     app.command("init", help="Write a corral config and one Ollama service per GPU of this host.")(
         init_command
@@ -115,7 +115,7 @@ _register_init()
 
 
 def _register_client_commands() -> None:
-    import corral.cli_backends  # noqa: F401  (adds ``corral backends`` to the client app)
+    import corral.cli.backends  # noqa: F401  (adds ``corral backends`` to the client app)
 
     app.add_typer(client_app)
 

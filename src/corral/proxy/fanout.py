@@ -41,10 +41,10 @@ import aiohttp
 import structlog
 
 from corral.auth import admin_denial
-from corral.backends import BackendRegistry, BackendState
 from corral.errors import CorralError, UnknownBackendError
-from corral.health import HealthChecker
-from corral.proxy import Receive, Scope, Send
+from corral.fleet.backends import BackendRegistry, BackendState
+from corral.fleet.health import HealthChecker
+from corral.proxy.forward import Receive, Scope, Send
 from corral.upstream import Upstream
 
 log = structlog.get_logger("corral.fanout")

@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from corral.backends import Clock
+from corral.fleet.backends import Clock
 
 # Before anything is measured: a load moves this many bytes per second (a model file read
 # from the page cache or a fast disk into VRAM), after a fixed start-up cost.
