@@ -5,8 +5,12 @@ completes inside the measured window (after ``--warmup``) counts:
 
 - ``generate``: POST /api/generate with ``"stream": false``; per-request latency, requests/s.
   With ``--think-ms`` each connection pauses (uniformly 0 to twice that) between requests.
-- ``stream``: POST /api/generate with ``"stream": true``; per-stream time to first body byte,
-  NDJSON lines received per second, streams that ended without their ``"done":true`` line.
+- ``stream``: POST ``--path`` (``/api/chat``, the default: NDJSON; ``/v1/chat/completions``:
+  server-sent events; ``/api/generate``: NDJSON) with ``"stream": true``, every stream the
+  same body (one opening user message: many users who happen to send the same first message,
+  not one conversation); per stream the time to the first body byte and to the end of the
+  answer, chunks (NDJSON lines or SSE events) received per second, and the streams that ended
+  without their last line (``"done":true`` or ``data: [DONE]``).
 
 With several ``--url`` the requests go round robin over them (the "direct" target). Prints one
 JSON object on stdout, with the CPU seconds that the ``--proxy-pid`` and ``--sim-pid``
@@ -30,8 +34,28 @@ from _cpu import total_cpu
 from _stats import rate, summarize_latencies
 
 GENERATE = json.dumps({"model": "llama3.2", "prompt": "hi", "stream": False}).encode()
-STREAM = json.dumps({"model": "llama3.2", "prompt": "hi", "stream": True}).encode()
+OPENING = "Hi! Can you help me plan a three-day trip to Lisbon?"
+STREAM_BODIES = {
+    "/api/generate": {"model": "llama3.2", "prompt": OPENING, "stream": True},
+    "/api/chat": {
+        "model": "llama3.2",
+        "messages": [{"role": "user", "content": OPENING}],
+        "stream": True,
+    },
+    "/v1/chat/completions": {
+        "model": "llama3.2",
+        "messages": [{"role": "user", "content": OPENING}],
+        "stream": True,
+    },
+}
 HEADERS = {"Content-Type": "application/json"}
+
+
+def stream_format(path: str) -> tuple[bytes, bytes]:
+    """(what ends one chunk, what the last chunk holds) for the stream format of ``path``."""
+    if path.startswith("/v1/"):
+        return b"\n\n", b"data: [DONE]"
+    return b"\n", b'"done":true'
 
 
 class Window:
@@ -78,12 +102,17 @@ async def _generate_worker(
 async def _stream_worker(
     session: aiohttp.ClientSession,
     urls: itertools.cycle[str],
+    body: bytes,
+    fmt: tuple[bytes, bytes],
     win: Window,
-    ttfbs: list[float],
+    times: dict[str, list[float]],
     counters: dict[str, int],
     errors: Counter[str],
 ) -> None:
     perf = time.perf_counter
+    sep, final = fmt
+    keep = len(final) + 16
+    overlap = len(sep) - 1  # an SSE separator may arrive split over two reads
     while True:
         t0 = perf()
         if t0 >= win.end:
@@ -92,7 +121,7 @@ async def _stream_worker(
         first: float | None = None
         last = b""
         try:
-            async with session.post(next(urls), data=STREAM, headers=HEADERS) as resp:
+            async with session.post(next(urls), data=body, headers=HEADERS) as resp:
                 if resp.status != 200:
                     await resp.read()
                     if measured:
@@ -103,19 +132,23 @@ async def _stream_worker(
                     if first is None:
                         first = now
                     if win.begin <= now <= win.end:
-                        counters["lines"] += chunk.count(b"\n")
+                        head = last[-overlap:] if overlap else b""
+                        counters["chunks"] += (head + chunk).count(sep)
                         counters["bytes"] += len(chunk)
                     # The final line may arrive split over two chunks.
-                    last = last[-64:] + chunk
+                    last = last[-keep:] + chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             if measured:
                 errors[type(exc).__name__] += 1
             continue
+        done = perf()
         if measured and first is not None and first <= win.end:
-            ttfbs.append(first - t0)
+            times["ttfb"].append(first - t0)
             counters["streams"] += 1
-            if b'"done":true' not in last:
+            if final not in last:
                 counters["incomplete"] += 1
+            elif done <= win.end:
+                times["answer"].append(done - t0)
 
 
 async def _sample_cpu(args: argparse.Namespace, win: Window, out: dict[str, float]) -> None:
@@ -128,7 +161,8 @@ async def _sample_cpu(args: argparse.Namespace, win: Window, out: dict[str, floa
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    urls = itertools.cycle([u.rstrip("/") + "/api/generate" for u in args.url])
+    path = "/api/generate" if args.mode == "generate" else args.path
+    urls = itertools.cycle([u.rstrip("/") + path for u in args.url])
     connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     errors: Counter[str] = Counter()
@@ -163,24 +197,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "errors": errors.total(),
                 "error_kinds": dict(errors.most_common(5)),
             }
-        ttfbs: list[float] = []
-        counters = {"lines": 0, "bytes": 0, "streams": 0, "incomplete": 0}
+        times: dict[str, list[float]] = {"ttfb": [], "answer": []}
+        counters = {"chunks": 0, "bytes": 0, "streams": 0, "incomplete": 0}
+        body = json.dumps(STREAM_BODIES[args.path]).encode()
+        fmt = stream_format(args.path)
         workers = [
-            _stream_worker(session, urls, win, ttfbs, counters, errors)
+            _stream_worker(session, urls, body, fmt, win, times, counters, errors)
             for _ in range(args.concurrency)
         ]
         await asyncio.wait_for(asyncio.gather(*workers), bound)
         await sampler
-        summary = summarize_latencies(ttfbs)
+        ttfb = summarize_latencies(times["ttfb"])
+        answer = summarize_latencies(times["answer"])
         return {
             **cpu,
             "mode": "stream",
+            "path": args.path,
             "streams": counters["streams"],
-            "chunks": counters["lines"],
-            "chunks_per_s": rate(counters["lines"], win.duration_s),
+            "chunks": counters["chunks"],
+            "chunks_per_s": rate(counters["chunks"], win.duration_s),
             "bytes_per_s": rate(counters["bytes"], win.duration_s),
-            "ttfb_p50_ms": summary["p50_ms"],
-            "ttfb_p99_ms": summary["p99_ms"],
+            "ttfb_p50_ms": ttfb["p50_ms"],
+            "ttfb_p99_ms": ttfb["p99_ms"],
+            "answer_p50_ms": answer["p50_ms"],
+            "answer_p99_ms": answer["p99_ms"],
+            "answers": answer["count"],
             "incomplete": counters["incomplete"],
             "errors": errors.total() + counters["incomplete"],
             "error_kinds": dict(errors.most_common(5)),
@@ -191,6 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("generate", "stream"), required=True)
     parser.add_argument("--url", action="append", required=True, help="base URL; repeat")
+    parser.add_argument("--path", choices=sorted(STREAM_BODIES), default="/api/chat")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)

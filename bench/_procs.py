@@ -32,6 +32,19 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def preexec(cpus: set[int] | None = None) -> Callable[[], None]:
+    """preexec_fn: :func:`die_with_parent`, and run on ``cpus`` only when given (its threads
+    and children inherit the mask)."""
+
+    def setup() -> None:
+        die_with_parent()
+        if cpus:
+            with contextlib.suppress(AttributeError, OSError):
+                os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
 @dataclass
 class Proc:
     """A subprocess in its own session, its output in a log file, killed on stop()."""
@@ -41,6 +54,7 @@ class Proc:
     log_path: Path
     env: dict[str, str] | None = None
     popen: subprocess.Popen[bytes] | None = None
+    cpus: set[int] | None = None  # pinned to these CPUs (None: wherever the kernel likes)
 
     def start(self) -> Proc:
         with self.log_path.open("wb") as out:
@@ -52,7 +66,7 @@ class Proc:
                 cwd=ROOT,
                 env=self.env,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=preexec(self.cpus),
             )
         return self
 
@@ -89,8 +103,9 @@ class Proc:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def run_bounded(argv: list[str], timeout_s: float) -> str:
-    """Run a command to completion within ``timeout_s``; its stdout. Killed on any exit path."""
+def run_bounded(argv: list[str], timeout_s: float, cpus: set[int] | None = None) -> str:
+    """Run a command to completion within ``timeout_s`` (on ``cpus`` when given); its stdout.
+    Killed on any exit path."""
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -98,7 +113,7 @@ def run_bounded(argv: list[str], timeout_s: float) -> str:
         stderr=subprocess.PIPE,
         cwd=ROOT,
         start_new_session=True,
-        preexec_fn=die_with_parent,
+        preexec_fn=preexec(cpus),
     )
     try:
         out, err = proc.communicate(timeout=timeout_s)

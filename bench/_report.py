@@ -11,11 +11,19 @@ from _stats import median_of
 MAX_ADDED_P50_MS = 1.0
 MIN_RPS_VS_NGINX = 0.2
 MIN_CHUNKS_VS_DIRECT = 0.97
+# Direct must serve this many times nginx's req/s, or the backends (not nginx) may cap nginx.
+MIN_DIRECT_VS_NGINX = 3.0
 
 Medians = dict[str, dict[str, dict[str, float]]]  # target -> phase -> metric -> median
 
+# The streaming phases: phase -> (the API streamed, its label in the tables).
+STREAMS = {
+    "stream_chat": ("/api/chat", "/api/chat NDJSON"),
+    "stream_v1": ("/v1/chat/completions", "/v1 SSE"),
+}
+
 COLUMNS = [
-    # (phase, metric, header, format)
+    # (phase, metric, header, format): the non-streaming table, one row per target
     ("saturated", "rps", "req/s", "{:,.0f}"),
     ("saturated", "p50_ms", "p50 ms", "{:.2f}"),
     ("saturated", "p99_ms", "p99 ms", "{:.2f}"),
@@ -23,13 +31,20 @@ COLUMNS = [
     ("paced", "p50_ms", "paced p50 ms", "{:.2f}"),
     ("paced", "p99_ms", "paced p99 ms", "{:.2f}"),
     ("unloaded", "p50_ms", "1-conn p50 ms", "{:.3f}"),
-    ("stream", "ttfb_p50_ms", "TTFB p50 ms", "{:.2f}"),
-    ("stream", "chunks_per_s", "chunks/s", "{:,.0f}"),
-    ("stream", "cpu_us_per_chunk", "CPU µs/chunk", "{:.1f}"),
+]
+
+STREAM_COLUMNS = [
+    # (metric, header, format): the streaming table, one row per target and API
+    ("chunks_per_s", "chunks/s", "{:,.0f}"),
+    ("ttfb_p50_ms", "TTFB p50 ms", "{:.2f}"),
+    ("ttfb_p99_ms", "TTFB p99 ms", "{:.2f}"),
+    ("answer_p50_ms", "answer p50 ms", "{:.1f}"),
+    ("answer_p99_ms", "answer p99 ms", "{:.1f}"),
+    ("cpu_us_per_chunk", "CPU µs/chunk", "{:.1f}"),
 ]
 
 RATIOS = [
-    # (key, verdict key or None, header, format)
+    # (key, verdict key or None, header, format): non-streaming, against nginx and direct
     ("rps_vs_nginx", "pass_rps", f"req/s ÷ nginx (≥ {MIN_RPS_VS_NGINX:g})", "{:.3f}×"),
     (
         "added_p50_paced_ms",
@@ -39,13 +54,20 @@ RATIOS = [
     ),
     ("added_p50_unloaded_ms", "pass_p50_unloaded", "added 1-conn p50 ms", "{:+.3f}"),
     ("added_p50_saturated_ms", "pass_p50_saturated", "added saturated p50 ms", "{:+.2f}"),
+]
+
+STREAM_RATIOS = [
+    # (key, verdict key or None, header, format): per streamed API, against direct
     (
         "chunks_vs_direct",
         "pass_chunks",
         f"chunks/s ÷ direct (≥ {MIN_CHUNKS_VS_DIRECT:g})",
         "{:.3f}×",
     ),
+    ("added_answer_p50_ms", None, "added answer p50 ms", "{:+.2f}"),
+    ("added_answer_p99_ms", None, "added answer p99 ms", "{:+.2f}"),
     ("added_ttfb_p50_ms", None, "added TTFB p50 ms", "{:+.2f}"),
+    ("added_ttfb_p99_ms", None, "added TTFB p99 ms", "{:+.2f}"),
 ]
 
 
@@ -64,7 +86,8 @@ def _get(med: Medians, target: str, phase: str, metric: str) -> float:
 
 
 def verdicts(med: Medians) -> dict[str, dict[str, Any]]:
-    """For every proxy but nginx: the ratios against direct and nginx, and PASS (True) / MISS."""
+    """For every proxy but nginx: the ratios against direct and nginx, and PASS (True) / MISS;
+    per streamed API under ``"streams"``."""
     out: dict[str, dict[str, Any]] = {}
     has_nginx = "nginx" in med
     for name in med:
@@ -81,17 +104,31 @@ def verdicts(med: Medians) -> dict[str, dict[str, Any]]:
             "added_p50_paced_ms": added("paced"),
             "added_p50_unloaded_ms": added("unloaded"),
             "added_p50_saturated_ms": added("saturated"),
-            "chunks_vs_direct": _get(med, name, "stream", "chunks_per_s")
-            / _get(med, "direct", "stream", "chunks_per_s"),
-            "added_ttfb_p50_ms": added("stream", "ttfb_p50_ms"),
         }
         v["pass_rps"] = None if v["rps_vs_nginx"] is None else v["rps_vs_nginx"] >= MIN_RPS_VS_NGINX
         for phase in ("paced", "unloaded", "saturated"):
             value = v[f"added_p50_{phase}_ms"]
             v[f"pass_p50_{phase}"] = None if math.isnan(value) else value <= MAX_ADDED_P50_MS
-        v["pass_chunks"] = v["chunks_vs_direct"] >= MIN_CHUNKS_VS_DIRECT
+        streams: dict[str, dict[str, Any]] = {}
+        for phase in STREAMS:
+            if phase not in med.get(name, {}):
+                continue
+            chunks = _get(med, name, phase, "chunks_per_s") / _get(
+                med, "direct", phase, "chunks_per_s"
+            )
+            sv: dict[str, Any] = {"chunks_vs_direct": chunks}
+            for metric in ("answer_p50_ms", "answer_p99_ms", "ttfb_p50_ms", "ttfb_p99_ms"):
+                sv[f"added_{metric}"] = added(phase, metric)
+            sv["pass_chunks"] = None if math.isnan(chunks) else chunks >= MIN_CHUNKS_VS_DIRECT
+            streams[phase] = sv
+        v["streams"] = streams
         out[name] = v
     return out
+
+
+def direct_vs_nginx(med: Medians) -> float:
+    """Direct's saturated req/s ÷ nginx's (NaN without either)."""
+    return _get(med, "direct", "saturated", "rps") / _get(med, "nginx", "saturated", "rps")
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -108,9 +145,13 @@ def _cells(med: Medians, name: str) -> list[str]:
     return [fmt(_get(med, name, phase, key), spec) for phase, key, _, spec in COLUMNS]
 
 
-def _ratio_cells(v: dict[str, Any], color: bool) -> list[str]:
+def _stream_cells(med: Medians, name: str, phase: str) -> list[str]:
+    return [fmt(_get(med, name, phase, key), spec) for key, _, spec in STREAM_COLUMNS]
+
+
+def _ratio_cells(v: dict[str, Any], color: bool, ratios: list[Any] = RATIOS) -> list[str]:
     cells = []
-    for key, verdict, _, spec in RATIOS:
+    for key, verdict, _, spec in ratios:
         cell = fmt(v.get(key), spec)
         if verdict is not None:
             ok = v.get(verdict)
@@ -123,19 +164,61 @@ def _ratio_cells(v: dict[str, Any], color: bool) -> list[str]:
     return cells
 
 
+def _stream_rows(med: Medians) -> list[tuple[str, str, str]]:
+    """(target, phase, API label) of every streaming row."""
+    return [
+        (name, phase, label)
+        for phase, (_, label) in STREAMS.items()
+        for name in med
+        if phase in med[name]
+    ]
+
+
+def _ratio_note(med: Medians) -> str:
+    ratio = direct_vs_nginx(med)
+    if not math.isfinite(ratio):
+        return ""
+    verdict = "PASS" if ratio >= MIN_DIRECT_VS_NGINX else "MISS"
+    return (
+        f"direct ÷ nginx req/s: {ratio:.2f}× (≥ {MIN_DIRECT_VS_NGINX:g}× shows the backends "
+        f"do not cap nginx): {verdict}"
+    )
+
+
 def markdown(med: Medians, ver: dict[str, dict[str, Any]]) -> str:
-    """Both tables in GitHub markdown, for the README."""
+    """The four tables in GitHub markdown, for the README."""
     lines = ["| target | " + " | ".join(h for _, _, h, _ in COLUMNS) + " |"]
     lines.append("|---|" + "---:|" * len(COLUMNS))
     lines += [f"| {n} | " + " | ".join(_cells(med, n)) + " |" for n in med]
+    rows = _stream_rows(med)
+    if rows:
+        lines += ["", "| target | stream | " + " | ".join(h for _, h, _ in STREAM_COLUMNS) + " |"]
+        lines.append("|---|---|" + "---:|" * len(STREAM_COLUMNS))
+        lines += [
+            f"| {n} | {label} | " + " | ".join(_stream_cells(med, n, phase)) + " |"
+            for n, phase, label in rows
+        ]
     lines += ["", "| vs | " + " | ".join(h for _, _, h, _ in RATIOS) + " |"]
     lines.append("|---|" + "---:|" * len(RATIOS))
     lines += [f"| {n} | " + " | ".join(_ratio_cells(v, False)) + " |" for n, v in ver.items()]
+    srows = [(n, p, label) for n, p, label in rows if p in ver.get(n, {}).get("streams", {})]
+    if srows:
+        lines += ["", "| vs | stream | " + " | ".join(h for _, _, h, _ in STREAM_RATIOS) + " |"]
+        lines.append("|---|---|" + "---:|" * len(STREAM_RATIOS))
+        lines += [
+            f"| {n} | {label} | "
+            + " | ".join(_ratio_cells(ver[n]["streams"][p], False, STREAM_RATIOS))
+            + " |"
+            for n, p, label in srows
+        ]
+    note = _ratio_note(med)
+    if note:
+        lines += ["", f"- {note}"]
     return "\n".join(lines)
 
 
 def print_tables(med: Medians, ver: dict[str, dict[str, Any]]) -> None:
-    """Both tables with rich (wide enough not to wrap), or as markdown without it."""
+    """The tables with rich (wide enough not to wrap), or as markdown without it."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -143,7 +226,7 @@ def print_tables(med: Medians, ver: dict[str, dict[str, Any]]) -> None:
         print(markdown(med, ver))
         return
     console = Console(width=200)
-    table = Table(title="medians of the rounds")
+    table = Table(title="non-streaming /api/generate: medians of the rounds")
     table.add_column("target")
     for _, _, header, _ in COLUMNS:
         table.add_column(header, justify="right")
@@ -152,6 +235,16 @@ def print_tables(med: Medians, ver: dict[str, dict[str, Any]]) -> None:
         errors = sum(p.get("errors", 0) for p in med[name].values())
         table.add_row(name, *_cells(med, name), str(int(errors)))
     console.print(table)
+    rows = _stream_rows(med)
+    if rows:
+        streams = Table(title="streams: medians of the rounds")
+        streams.add_column("target")
+        streams.add_column("stream")
+        for _, header, _ in STREAM_COLUMNS:
+            streams.add_column(header, justify="right")
+        for name, phase, label in rows:
+            streams.add_row(name, label, *_stream_cells(med, name, phase))
+        console.print(streams)
     ratios = Table(title="against the targets")
     ratios.add_column("vs")
     for _, _, header, _ in RATIOS:
@@ -159,6 +252,21 @@ def print_tables(med: Medians, ver: dict[str, dict[str, Any]]) -> None:
     for name, v in ver.items():
         ratios.add_row(name, *_ratio_cells(v, True))
     console.print(ratios)
+    srows = [(n, p, label) for n, p, label in rows if p in ver.get(n, {}).get("streams", {})]
+    if srows:
+        sratios = Table(title="streams against direct")
+        sratios.add_column("vs")
+        sratios.add_column("stream")
+        for _, _, header, _ in STREAM_RATIOS:
+            sratios.add_column(header, justify="right")
+        for name, phase, label in srows:
+            sratios.add_row(
+                name, label, *_ratio_cells(ver[name]["streams"][phase], True, STREAM_RATIOS)
+            )
+        console.print(sratios)
+    note = _ratio_note(med)
+    if note:
+        console.print(note)
 
 
 def finite(value: Any) -> Any:

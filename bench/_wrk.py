@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from _procs import die_with_parent
+from _procs import preexec
 
 # ``delay()`` (paced runs only) is wrk's per-connection think time after each response; random
 # around the mean so that the connections do not march in lockstep.
@@ -68,9 +68,11 @@ def run(
     conns: int,
     seconds: int,
     think_ms: float = 0.0,
+    cpus: set[int] | None = None,
 ) -> dict[str, Any]:
     """One wrk run: requests, req/s, p50/p99 (ms), errors. Several ``urls``: thread i
-    connects to ``urls[i % len(urls)]``."""
+    connects to ``urls[i % len(urls)]`` (so one thread uses only the first). ``cpus``: run
+    wrk on those CPUs only."""
     threads = max(1, min(threads, conns))
     hosts = [host_port(u) for u in urls] if len(urls) > 1 else []
     script = workdir / f"wrk-{len(hosts)}-{round(think_ms)}.lua"
@@ -82,7 +84,7 @@ def run(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=die_with_parent,
+        preexec_fn=preexec(cpus),
     )
     try:
         out, err = proc.communicate(timeout=seconds + 30)

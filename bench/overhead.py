@@ -1,29 +1,41 @@
 """How much does corral cost? corral vs direct vs nginx vs an httpx forwarder, in one run.
 
-Every target sits in front of the same simulated Ollama backends (``python -m corral.sim``, two
-processes by default) on 127.0.0.1. Four phases, each in interleaved rounds (the target order
-rotates every round), reported as the median of the rounds:
+Every target sits in front of the same two backends on 127.0.0.1. By default (``--backend
+fast``) they are bench/_fast_backend.py, a minimal asyncio HTTP/1.1 responder with canned
+Ollama answers, fast enough that the proxy, not the backend, is what is measured (with the
+simulators nginx was capped by them). ``--backend sim`` puts the simulators (``python -m
+corral.sim``) there instead, as before. Five phases, each in interleaved rounds (the target
+order rotates every round), reported as the median of the rounds:
 
 1. ``saturated``: small non-streaming POST /api/generate on ``--concurrency`` back-to-back
-   connections: requests/s, p50/p99 latency, the proxy's CPU per request.
+   connections (``wrk -t1 -c32``): requests/s, p50/p99 latency, the proxy's CPU per request.
 2. ``paced``: the same ``--concurrency`` connections at about ``--paced-rate`` req/s in all
    (think time between requests): the latency a proxy adds when it is not the bottleneck.
 3. ``unloaded``: one connection, back to back: the added latency of a lone request.
-4. ``stream``: ``--streams`` concurrent streams of ``--stream-tokens`` tokens
-   ``--token-interval-ms`` apart: time to first byte, NDJSON chunks/s, CPU per chunk.
+4. ``stream_chat``: ``--streams`` concurrent streams on /api/chat (NDJSON) of
+   ``--stream-tokens`` tokens ``--token-interval-ms`` apart, every stream the same opening
+   user message (different users, not one conversation; no ``X-Session-ID``): chunks/s, time
+   to first byte and to the whole answer (p50/p99), CPU per chunk.
+5. ``stream_v1``: the same on /v1/chat/completions (server-sent events, ``data: [DONE]``).
 
 Phases 1-3 use wrk when it is installed (apt-get'ed when missing and we are root), else the
-aiohttp generator (bench/_load.py); phase 4 always uses the aiohttp generator.
+aiohttp generator (bench/_load.py); phases 4-5 always use the aiohttp generator. With
+``--pin`` (the default where there are 2+ CPUs) the generator runs on CPU 0 and everything
+else (proxies, backends) on the other CPUs, so that the generator does not take the proxy's
+CPU (on the 2-core box it is what brings direct closest to 3 times nginx).
 
-Targets: ``direct`` (the generator round-robins over the simulators itself), ``nginx``
-(Debian's package; skipped if it cannot be installed), ``corral`` (log level warning),
-``corral-info`` (the default log level: the access log on), ``httpx`` (a minimal httpx
-forwarder, bench/_httpx_proxy.py).
+Targets: ``direct`` (the generator goes to the backends itself; wrk's one thread to the
+first), ``nginx`` (Debian's package; skipped if it cannot be installed), ``corral`` (its
+default config: least_connections, model and session affinity, metrics, the access log at the
+default level ``info``; only ``max_concurrent`` is raised to ``--max-concurrent`` per backend,
+what the backends can take), ``httpx`` (a minimal httpx forwarder, bench/_httpx_proxy.py);
+optionally ``corral-quiet`` (the same with log level ``warning``: no access log).
 
     .venv/bin/python bench/overhead.py            # full run, about 6 minutes
-    .venv/bin/python bench/overhead.py --quick    # smoke run, about 40 s
+    .venv/bin/python bench/overhead.py --quick    # smoke run, about a minute
+    .venv/bin/python bench/overhead.py --backend sim --targets direct,nginx,corral
 
-Prints a table and the same as markdown; writes bench/results/overhead.json.
+Prints the tables and the same as markdown; writes bench/results/overhead.json.
 """
 
 from __future__ import annotations
@@ -62,6 +74,8 @@ from _procs import (  # noqa: E402
 
 PY = sys.executable
 GENERATE_BODY = '{"model":"llama3.2","prompt":"hi","stream":false}'
+DEFAULT_TARGETS = "direct,nginx,corral,httpx"
+KNOWN_TARGETS = ("direct", "nginx", "corral", "corral-quiet", "httpx")
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,8 @@ class Phase:
     conns: int
     duration_s: float
     think_ms: float = 0.0  # mean pause per connection between requests
-    sim_timing: dict[str, float] = field(default_factory=dict)
+    sim_timing: dict[str, float] = field(default_factory=dict)  # --backend sim only
+    path: str = "/api/generate"  # what is streamed (stream mode)
 
 
 @dataclass
@@ -113,19 +128,14 @@ http {{
 }}
 """
 
+# corral's defaults but for where it listens, the log level of corral-quiet and each
+# backend's max_concurrent (the default 4, Ollama's default OLLAMA_NUM_PARALLEL, would queue
+# 32 connections in corral in front of backends that take any number).
 CORRAL_TOML = """\
 [server]
 host = "127.0.0.1"
 port = {port}
-log_level = "{log_level}"
-log_format = "json"
-
-[balancer]
-strategy = "round_robin"
-
-[gpu]
-enabled = false
-
+{log_level}
 {backends}
 """
 
@@ -137,13 +147,20 @@ class Bench:
         self.args = args
         self.dir = workdir
         self.procs: list[Proc] = []
-        self.sims: list[str] = []
+        self.backends: list[str] = []
         self.targets: list[Target] = []
         self.wrk: str | None = None
         self.versions: dict[str, str] = {}
+        # (generator's CPUs, everyone else's), or None: not pinned.
+        self.cpus: tuple[set[int], set[int]] | None = pin_plan(args.pin)
+
+    @property
+    def gen_cpus(self) -> set[int] | None:
+        return self.cpus[0] if self.cpus else None
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(name, argv, self.dir / f"{name}.log", env)
+        cpus = self.cpus[1] if self.cpus else None
+        proc = Proc(name, argv, self.dir / f"{name}.log", env, cpus=cpus)
         self.procs.append(proc)
         return proc.start()
 
@@ -156,26 +173,36 @@ class Bench:
 
     # -- set-up --
 
-    def start_sims(self) -> None:
+    def start_backends(self) -> None:
         a = self.args
-        for i in range(a.sims):
+        for i in range(a.backends):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            proc = self.spawn(
-                f"sim{i}",
-                [
+            if a.backend == "fast":
+                argv = [
+                    *[PY, str(BENCH / "_fast_backend.py"), "--port", str(port)],
+                    *["--tokens", str(a.stream_tokens)],
+                    *["--token-interval-ms", str(a.token_interval_ms)],
+                ]
+            else:
+                argv = [
                     *[PY, "-m", "corral.sim", "--port", str(port), "--name", f"sim{i}"],
                     *["--ttft-ms", "0", "--token-interval-ms", "0", "--tokens", "2"],
-                    *["--num-parallel", str(a.sim_parallel), "--keep-alive-s", "3600"],
-                ],
-            )
-            wait_until(lambda u=url: http("GET", u + "/api/version") == 200, proc, f"sim{i}")
-            self.sims.append(url)
-        self.targets.append(Target("direct", list(self.sims), note="generator → simulators"))
+                    *["--num-parallel", str(a.max_concurrent), "--keep-alive-s", "3600"],
+                ]
+            proc = self.spawn(f"backend{i}", argv)
+            wait_until(lambda u=url: http("GET", u + "/api/version") == 200, proc, f"backend{i}")
+            self.backends.append(url)
+        what = "fast backends" if a.backend == "fast" else "simulators"
+        note = f"generator → {what} (wrk: its threads in turn, one thread → the first)"
+        self.targets.append(Target("direct", list(self.backends), note=note))
 
     def configure_sims(self, timing: dict[str, float]) -> None:
+        """The simulators' timing for a phase (--backend sim; the fast one has its flags)."""
+        if self.args.backend != "sim":
+            return
         body = json.dumps(timing).encode()
-        for url in self.sims:
+        for url in self.backends:
             status = http("PUT", url + "/_sim/config", body)
             if status != 200:
                 raise RuntimeError(f"PUT {url}/_sim/config answered {status}")
@@ -193,7 +220,7 @@ class Bench:
         ndir = self.dir / "nginx"
         ndir.mkdir()
         port = free_port()
-        servers = "\n".join(f"        server {u.removeprefix('http://')};" for u in self.sims)
+        servers = "\n".join(f"        server {u.removeprefix('http://')};" for u in self.backends)
         conf = ndir / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=ndir, servers=servers, port=port))
         url = f"http://127.0.0.1:{port}"
@@ -201,14 +228,15 @@ class Bench:
         self._ready(proc, url, "nginx")
         self.targets.append(Target("nginx", [url], proc, "1 worker process, keepalive 64"))
 
-    def start_corral(self, name: str, log_level: str) -> None:
+    def start_corral(self, name: str, log_level: str | None) -> None:
         port = free_port()
         backends = "\n".join(
-            f'[[backends]]\nid = "sim{i}"\nurl = "{u}"\nmax_concurrent = {self.args.sim_parallel}\n'
-            for i, u in enumerate(self.sims)
+            f'[[backends]]\nid = "b{i}"\nurl = "{u}"\nmax_concurrent = {self.args.max_concurrent}\n'
+            for i, u in enumerate(self.backends)
         )
+        level = f'log_level = "{log_level}"\n' if log_level else ""
         conf = self.dir / f"{name}.toml"
-        conf.write_text(CORRAL_TOML.format(port=port, log_level=log_level, backends=backends))
+        conf.write_text(CORRAL_TOML.format(port=port, log_level=level, backends=backends))
         exe = Path(PY).with_name("corral")
         argv = [str(exe)] if exe.exists() else [PY, "-m", "corral"]
         # No CORRAL_* from the caller's environment: the config file is the whole truth.
@@ -219,17 +247,19 @@ class Bench:
         def all_healthy() -> bool:
             try:
                 with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
-                    return bool(json.load(resp).get("healthy", 0) >= len(self.sims))
+                    return bool(json.load(resp).get("healthy", 0) >= len(self.backends))
             except (OSError, ValueError):
                 return False
 
         wait_until(all_healthy, proc, f"{name} /readyz")
         self._ready(proc, url, name)
-        self.targets.append(Target(name, [url], proc, f"log_level {log_level}, round_robin"))
+        what = f"log_level {log_level}" if log_level else "access log on (info)"
+        note = f"default config, {what}, max_concurrent {self.args.max_concurrent}"
+        self.targets.append(Target(name, [url], proc, note))
 
     def start_httpx(self) -> None:
         port = free_port()
-        backends = [x for u in self.sims for x in ("--backend", u)]
+        backends = [x for u in self.backends for x in ("--backend", u)]
         url = f"http://127.0.0.1:{port}"
         proc = self.spawn(
             "httpx", [PY, str(BENCH / "_httpx_proxy.py"), "--port", str(port), *backends]
@@ -244,38 +274,38 @@ class Bench:
         if target.proc is not None and not target.proc.alive():
             raise RuntimeError(f"{target.name} died:\n{target.proc.tail()}")
         proxy_pids = [target.proc.pid] if target.proc else []
-        sim_pids = [p.pid for p in self.procs if p.name.startswith("sim")]
+        backend_pids = [p.pid for p in self.procs if p.name.startswith("backend")]
         if phase.mode == "generate" and self.wrk is not None:
-            result = self._wrk(phase, target, proxy_pids, sim_pids)
+            result = self._wrk(phase, target, proxy_pids, backend_pids)
         else:
-            result = self._aiohttp(phase, target, proxy_pids, sim_pids)
+            result = self._aiohttp(phase, target, proxy_pids, backend_pids)
         work = result.get("chunks" if phase.mode == "stream" else "requests")
         if proxy_pids and work:
             key = "cpu_us_per_chunk" if phase.mode == "stream" else "cpu_us_per_request"
             result[key] = result["proxy_cpu_s"] / work * 1e6
         result["proxy_cores"] = result.get("proxy_cpu_s", 0.0) / phase.duration_s
-        result["sim_cores"] = result.get("sim_cpu_s", 0.0) / phase.duration_s
+        result["backend_cores"] = result.get("sim_cpu_s", 0.0) / phase.duration_s
         return result
 
     def _aiohttp(
-        self, phase: Phase, target: Target, proxy_pids: list[int], sim_pids: list[int]
+        self, phase: Phase, target: Target, proxy_pids: list[int], backend_pids: list[int]
     ) -> dict[str, Any]:
         a = self.args
         argv = [
-            *[PY, str(BENCH / "_load.py"), "--mode", phase.mode],
+            *[PY, str(BENCH / "_load.py"), "--mode", phase.mode, "--path", phase.path],
             *[x for u in target.urls for x in ("--url", u)],
             *["--concurrency", str(phase.conns), "--duration", str(phase.duration_s)],
             *["--warmup", str(a.warmup), "--think-ms", str(phase.think_ms)],
             *[x for p in proxy_pids for x in ("--proxy-pid", str(p))],
-            *[x for p in sim_pids for x in ("--sim-pid", str(p))],
+            *[x for p in backend_pids for x in ("--sim-pid", str(p))],
         ]
-        out = run_bounded(argv, a.warmup + phase.duration_s + 60)
+        out = run_bounded(argv, a.warmup + phase.duration_s + 60, self.gen_cpus)
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         result["generator"] = "aiohttp"
         return result
 
     def _wrk(
-        self, phase: Phase, target: Target, proxy_pids: list[int], sim_pids: list[int]
+        self, phase: Phase, target: Target, proxy_pids: list[int], backend_pids: list[int]
     ) -> dict[str, Any]:
         assert self.wrk is not None
 
@@ -286,22 +316,34 @@ class Bench:
                 target.urls,
                 "/api/generate",
                 GENERATE_BODY,
-                threads=len(self.sims),
+                threads=self.args.wrk_threads,
                 conns=phase.conns,
                 seconds=max(1, round(seconds)),
                 think_ms=phase.think_ms,
+                cpus=self.gen_cpus,
             )
 
         wrk(self.args.warmup)
-        proxy0, sims0 = total_cpu(proxy_pids), total_cpu(sim_pids)
+        proxy0, backends0 = total_cpu(proxy_pids), total_cpu(backend_pids)
         result = wrk(phase.duration_s)
         result["proxy_cpu_s"] = total_cpu(proxy_pids) - proxy0
-        result["sim_cpu_s"] = total_cpu(sim_pids) - sims0
-        result["generator"] = "wrk"
+        result["sim_cpu_s"] = total_cpu(backend_pids) - backends0
+        result["generator"] = f"wrk -t{min(self.args.wrk_threads, phase.conns)}"
         return result
 
 
 # --- main -----------------------------------------------------------------------------------
+
+
+def pin_plan(pin: bool) -> tuple[set[int], set[int]] | None:
+    """With ``pin`` and 2+ usable CPUs: (the lowest for the generator, the rest for the
+    servers); else None."""
+    if not pin or not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[0]}, set(cpus[1:])
 
 
 def phases(args: argparse.Namespace) -> list[Phase]:
@@ -312,11 +354,15 @@ def phases(args: argparse.Namespace) -> list[Phase]:
         "tokens": args.stream_tokens,
     }
     think_ms = 1000 * args.concurrency / args.paced_rate
+    streams = [
+        Phase(name, "stream", args.streams, args.duration, sim_timing=stream, path=path)
+        for name, (path, _) in _report.STREAMS.items()
+    ]
     return [
         Phase("saturated", "generate", args.concurrency, args.duration, sim_timing=fast),
         Phase("paced", "generate", args.concurrency, args.short_duration, think_ms, fast),
         Phase("unloaded", "generate", 1, args.short_duration, sim_timing=fast),
-        Phase("stream", "stream", args.streams, args.duration, sim_timing=stream),
+        *streams,
     ]
 
 
@@ -332,6 +378,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="corral's overhead against direct, nginx and an httpx forwarder",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument(
+        "--backend",
+        choices=("fast", "sim"),
+        default="fast",
+        help="fast: bench/_fast_backend.py; sim: the simulators (python -m corral.sim)",
+    )
     p.add_argument("--duration", type=float, default=5.0, help="s per saturated/stream run")
     p.add_argument("--short-duration", type=float, default=3.0, help="s per paced/1-conn run")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured s before each run")
@@ -341,10 +393,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=32, help="concurrent streams")
     p.add_argument("--stream-tokens", type=int, default=32)
     p.add_argument("--token-interval-ms", type=float, default=5.0)
-    p.add_argument("--sims", type=int, default=2, help="simulator processes (backends)")
-    p.add_argument("--sim-parallel", type=int, default=64, help="slots per simulator")
+    p.add_argument("--backends", "--sims", type=int, default=2, help="backend processes")
+    p.add_argument(
+        "--max-concurrent",
+        "--sim-parallel",
+        type=int,
+        default=64,
+        help="corral's max_concurrent per backend (and the simulators' slots)",
+    )
     p.add_argument("--generator", choices=("auto", "wrk", "aiohttp"), default="auto")
-    p.add_argument("--targets", default="direct,nginx,corral,corral-info,httpx")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (direct: one per backend)")
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the generator on CPU 0, proxies and backends on the others (2+ CPUs)",
+    )
+    p.add_argument("--targets", default=DEFAULT_TARGETS, help=f"of {', '.join(KNOWN_TARGETS)}")
     p.add_argument("--no-install", dest="install", action="store_false", help="no apt-get")
     p.add_argument("--quick", action="store_true", help="1 short round: a smoke check")
     p.add_argument("--json", type=Path, default=BENCH / "results" / "overhead.json")
@@ -357,8 +422,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("durations must be in (0, 120] s")
     if not (1 <= args.concurrency <= 1024 and 1 <= args.streams <= 1024):
         p.error("--concurrency and --streams must be 1-1024")
-    if not (1 <= args.sims <= 16 and args.paced_rate > 0):
-        p.error("--sims must be 1-16 and --paced-rate positive")
+    if not (1 <= args.backends <= 16 and args.paced_rate > 0):
+        p.error("--backends must be 1-16 and --paced-rate positive")
+    if not (1 <= args.wrk_threads <= 64 and 1 <= args.max_concurrent <= 4096):
+        p.error("--wrk-threads must be 1-64 and --max-concurrent 1-4096")
+    if not (1 <= args.stream_tokens <= 10_000 and 0 <= args.token_interval_ms <= 1000):
+        p.error("--stream-tokens must be 1-10000 and --token-interval-ms 0-1000")
+    wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(KNOWN_TARGETS))
+    if unknown:
+        p.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(KNOWN_TARGETS)}")
     return args
 
 
@@ -369,16 +442,21 @@ def run(args: argparse.Namespace, bench: Bench, wanted: list[str]) -> list[Targe
             raise RuntimeError("wrk unavailable")
     if bench.wrk:
         bench.versions["wrk"] = tool_version([bench.wrk, "-v"])
-    bench.start_sims()
+    if bench.cpus:
+        gen, rest = bench.cpus
+        log(f"pinned: generator on CPU {_cpu_list(gen)}, servers on CPU {_cpu_list(rest)}")
+    bench.start_backends()
     if "nginx" in wanted:
         bench.start_nginx()
     if "corral" in wanted:
-        bench.start_corral("corral", "warning")
-    if "corral-info" in wanted:
-        bench.start_corral("corral-info", "info")
+        bench.start_corral("corral", None)
+    if "corral-quiet" in wanted:
+        bench.start_corral("corral-quiet", "warning")
     if "httpx" in wanted:
         bench.start_httpx()
     targets = bench.targets
+    if "direct" not in wanted:
+        log("direct is measured anyway: every ratio is against it")
     log(f"targets: {', '.join(t.name for t in targets)}; {args.rounds} round(s)")
     for phase in phases(args):
         bench.configure_sims(phase.sim_timing)
@@ -386,7 +464,7 @@ def run(args: argparse.Namespace, bench: Bench, wanted: list[str]) -> list[Targe
             for target in order:
                 res = bench.measure(phase, target)
                 target.results.setdefault(phase.name, []).append(res)
-                log(f"[{phase.name:<9} {r + 1}] {target.name:<11} {_brief(res)}")
+                log(f"[{phase.name:<11} {r + 1}] {target.name:<12} {_brief(res)}")
     return targets
 
 
@@ -422,12 +500,19 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "cpus": os.cpu_count(),
             "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
             "python": platform.python_version(),
+            "pinned": (
+                {"generator": sorted(bench.cpus[0]), "servers": sorted(bench.cpus[1])}
+                if bench.cpus
+                else None
+            ),
             **bench.versions,
         },
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "phases": [vars(p) for p in phases(args)],
         "targets": {t.name: t.note for t in targets},
+        "direct_vs_nginx": _report.direct_vs_nginx(med),
         "medians": med,
         "verdicts": ver,
         "rounds": {t.name: t.results for t in targets},
@@ -438,28 +523,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cpu_list(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 def _brief(res: dict[str, Any]) -> str:
     if res["mode"] == "stream":
-        text = f"{res['chunks_per_s']:8,.0f} chunks/s  ttfb p50 {res['ttfb_p50_ms']:6.2f} ms"
+        text = (
+            f"{res['chunks_per_s']:8,.0f} chunks/s  ttfb p50 {res['ttfb_p50_ms']:6.2f} ms"
+            f"  answer p50 {res['answer_p50_ms']:7.1f} ms"
+        )
     else:
         text = f"{res['rps']:8,.0f} req/s  p50 {res['p50_ms']:6.2f} ms  p99 {res['p99_ms']:6.2f} ms"
     cpu = res.get("cpu_us_per_request") or res.get("cpu_us_per_chunk")
     if cpu:
         text += f"  cpu {cpu:5.0f} µs"
-    text += f"  cores: proxy {res['proxy_cores']:.2f} sims {res['sim_cores']:.2f}"
+    text += f"  cores: proxy {res['proxy_cores']:.2f} backends {res['backend_cores']:.2f}"
     if res.get("errors"):
         text += f"  errors {res['errors']} {res.get('error_kinds', '')}"
     return text
 
 
 def _warnings(med: _report.Medians) -> None:
-    def rps(name: str) -> float:
-        return med.get(name, {}).get("saturated", {}).get("rps", math.nan)
-
-    if "nginx" in med and not rps("direct") > rps("nginx"):
+    ratio = _report.direct_vs_nginx(med)
+    if math.isfinite(ratio) and ratio < _report.MIN_DIRECT_VS_NGINX:
         log(
-            "warning: direct did not beat nginx on req/s: the simulators or the generator, "
-            "not the proxies, may be the bottleneck (try --sims 3)"
+            f"warning: direct served {ratio:.2f}× nginx's req/s (want ≥ "
+            f"{_report.MIN_DIRECT_VS_NGINX:g}×): the backends or the generator, not only the "
+            "proxies, may be what is measured (fewer cores than processes?)"
         )
     for name, phases_ in med.items():
         errors = sum(p.get("errors", 0) for p in phases_.values())

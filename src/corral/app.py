@@ -11,11 +11,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from corral import __version__
 from corral.admin.api import health_routes, router
 from corral.admin.ui import ui_routes
+from corral.asgi import Receive, Scope, Send
 from corral.config import Settings
 from corral.fleet.gpu import GpuSampler
 from corral.proxy.fanout import FanOut
-from corral.proxy.forward import Receive, Scope, Send
 from corral.proxy.front import OllamaFront
+from corral.proxy.listing import Listing
 from corral.runtime import Runtime
 from corral.upstream import Upstream
 
@@ -66,7 +67,9 @@ class CorralApp:
             fallback=self.api,
             forwarder=runtime.forwarder,
             registry=runtime.registry,
-            upstream=runtime.upstream,
+            listing=Listing(
+                runtime.registry, runtime.upstream, runtime.settings.health.timeout_s + 3
+            ),
             metrics=runtime.metrics,
             fanout=FanOut(
                 runtime.registry,
@@ -77,7 +80,6 @@ class CorralApp:
             ),
             clients=runtime.clients,
             max_body_bytes=int(runtime.settings.server.max_body_mb * 1_000_000),
-            aggregate_timeout_s=runtime.settings.health.timeout_s + 3,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

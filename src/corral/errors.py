@@ -6,13 +6,28 @@ CorralError
 ├── BackendError                admin operations on backends
 │   ├── UnknownBackendError
 │   └── DuplicateBackendError
-└── RoutingError                a request could not be placed (mapped to HTTP at one boundary)
+├── PlacementError              a model load or unload a backend refused or failed
+│   └── NotInstalledError       the model is not on the backend(s) named
+└── RoutingError                a request could not be served (mapped to HTTP at one boundary)
+    ├── RequestError            the request itself is wrong (400, 413), told before any routing
     ├── ModelNotFoundError      no backend lists the model            -> 404
     ├── NoBackendError          nothing healthy / all full / ejected  -> 503 + Retry-After
-    └── UpstreamError           the chosen backends all failed        -> 502/504
+    └── UpstreamError           a backend failed; raised by the upstream seam (corral.upstream),
+        │                       which translates the HTTP client's own exceptions, and nowhere else
+        ├── UpstreamConnectError    never connected, nothing sent: safe to try elsewhere  -> 502
+        ├── UpstreamTimeoutError    sent, no answer in time: never retried (the GPU may be
+        │                           working on it)                                         -> 504
+        ├── UpstreamBrokenError     the connection broke or the answer was malformed       -> 502
+        └── UpstreamStatusError     the backend answered 5xx before the client saw a byte  -> 5xx
+
+An ``UpstreamError`` carries ``retry_reason``, the label of ``corral_retries_total`` when the
+request is tried on another backend. After the first byte reached the client nothing is raised
+to the client any more: the relay ends the stream with an error line (or cuts a plain body).
 """
 
 from __future__ import annotations
+
+import json
 
 
 class CorralError(Exception):
@@ -77,9 +92,73 @@ class NoBackendError(RoutingError):
         super().__init__(message)
 
 
-class UpstreamError(RoutingError):
-    status = 502
+class RequestError(RoutingError):
+    """The client's request is malformed or too large (400 unless told otherwise)."""
 
-    def __init__(self, message: str, status: int = 502) -> None:
+    def __init__(self, message: str, status: int = 400) -> None:
         self.status = status
         super().__init__(message)
+
+
+class UpstreamError(RoutingError):
+    """A backend failed; ``retry_reason`` labels the retry it may cause."""
+
+    status = 502
+    retry_reason = "error"
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection could be made (refused, unreachable, connect timeout): nothing was sent."""
+
+    retry_reason = "connect"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The backend took the request but sent nothing within the limit."""
+
+    status = 504
+    retry_reason = "timeout"
+
+
+class UpstreamBrokenError(UpstreamError):
+    """The connection closed or reset, or the answer was not valid HTTP."""
+
+    retry_reason = "connect"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The backend answered 5xx before any byte reached the client (its body kept, small)."""
+
+    def __init__(
+        self, status: int, payload: bytes, content_type: str, busy: bool, backend_id: str
+    ) -> None:
+        self.backend_id = backend_id
+        self.status = status
+        self.payload = payload
+        self.content_type = content_type
+        self.busy = busy  # Ollama's 503 "server busy": its own queue is full
+        self.retry_reason = "busy" if busy else "status_5xx"
+        super().__init__(error_text(payload) or f"backend answered {status}")
+
+
+class PlacementError(CorralError):
+    """A model load or unload that a backend refused or failed."""
+
+
+class NotInstalledError(PlacementError):
+    """The model is not installed on the backend(s) named."""
+
+
+def error_text(payload: bytes) -> str:
+    """The message of an Ollama or OpenAI error body (the raw text when it is no JSON)."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return payload.decode(errors="replace").strip()[:300]
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message", ""))
+        if err:
+            return str(err)
+    return ""

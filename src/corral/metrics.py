@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -60,12 +60,6 @@ class Metrics:
             ["backend", "model"],
             registry=r,
         )
-        self.in_flight = Gauge(
-            "corral_backend_in_flight",
-            "Requests being served by each backend right now.",
-            ["backend"],
-            registry=r,
-        )
         self.backend_up = Gauge(
             "corral_backend_up",
             "1 when the backend takes requests, else 0.",
@@ -95,12 +89,6 @@ class Metrics:
             "Requests answered 503 without a backend, by reason "
             "(queue_full, queue_timeout, draining, no_backend).",
             ["reason"],
-            registry=r,
-        )
-        self.slot_utilization = Gauge(
-            "corral_backend_slot_utilization_ratio",
-            "In-flight requests over max_concurrent, per backend.",
-            ["backend"],
             registry=r,
         )
         self.queue_wait = Histogram(
@@ -180,6 +168,13 @@ class Metrics:
         )
         self._gpu_source: Callable[[], Sequence[tuple[tuple[str, ...], Any]]] | None = None
         r.register(_GpuCollector(self))
+        self._slot_source: Callable[[], Iterable[tuple[str, int, int]]] | None = None
+        r.register(_SlotCollector(self))
+
+    def watch_slots(self, source: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        """Export the slot gauges from ``source()``: (backend, in flight, max_concurrent) each,
+        read at scrape time (nothing to update per request)."""
+        self._slot_source = source
 
     def watch_gpus(self, source: Callable[[], Sequence[tuple[tuple[str, ...], Any]]]) -> None:
         """Export ``corral_gpu_*`` gauges from ``source()``: (labels, reading) per GPU."""
@@ -200,9 +195,8 @@ class Metrics:
     def forget_backend(self, backend_id: str) -> None:
         """Drop per-backend gauge series of a removed backend."""
         self._children.clear()
-        for gauge in (self.in_flight, self.backend_up, self.slot_utilization):
-            with contextlib.suppress(KeyError):
-                gauge.remove(backend_id)
+        with contextlib.suppress(KeyError):
+            self.backend_up.remove(backend_id)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -221,6 +215,38 @@ _GPU_GAUGES = (
     ("corral_gpu_memory_total_bytes", "GPU memory in all.", "memory_total_bytes"),
     ("corral_gpu_temperature_celsius", "GPU core temperature.", "temperature_c"),
     ("corral_gpu_power_watts", "GPU power draw.", "power_w"),
+)
+
+
+class _SlotCollector:
+    """``corral_backend_in_flight`` and ``corral_backend_slot_utilization_ratio``, read from
+    the registry at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(n, h, labels=["backend"]) for n, h in _SLOT_GAUGES]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        source = self._metrics._slot_source
+        rows = list(source()) if source is not None else []
+        (in_flight_name, in_flight_help), (ratio_name, ratio_help) = _SLOT_GAUGES
+        in_flight = GaugeMetricFamily(in_flight_name, in_flight_help, labels=["backend"])
+        ratio = GaugeMetricFamily(ratio_name, ratio_help, labels=["backend"])
+        for backend, count, limit in rows:
+            in_flight.add_metric([backend], float(count))
+            ratio.add_metric([backend], count / limit if limit else 0.0)
+        yield in_flight
+        yield ratio
+
+
+_SLOT_GAUGES = (
+    ("corral_backend_in_flight", "Requests being served by each backend right now."),
+    (
+        "corral_backend_slot_utilization_ratio",
+        "In-flight requests over max_concurrent, per backend.",
+    ),
 )
 
 

@@ -48,6 +48,9 @@ class Runtime:
         self.health = HealthChecker(self.registry, self.upstream, settings.health, self.metrics)
         self.router = Router(self.registry, settings.balancer, metrics=self.metrics)
         self.metrics.registry.register(ResidencyCollector(self.registry))
+        self.metrics.watch_slots(
+            lambda: [(b.id, b.in_flight, b.max_concurrent) for b in self.registry.all()]
+        )
         sampler = gpu_sampler or open_sampler(settings.gpu.enabled)
         if isinstance(sampler, NullSampler):
             backends = settings.backends
@@ -78,7 +81,6 @@ class Runtime:
         )
         self.admission = Admission(self.router, settings.queue, self.metrics)
         self.forwarder = Forwarder(
-            self.registry,
             self.admission,
             self.upstream,
             self.health,

@@ -1,47 +1,196 @@
-"""The one seam to backends: a shared aiohttp ClientSession."""
+"""The one way to a backend: ``Upstream`` over a ``Transport``.
+
+Every byte corral sends to an Ollama goes through here: routed requests, fan-out management,
+health probes, GPU exporters and model loads. The transport is a small protocol (like httpx's
+``transport=``), so tests drive the forwarder, fan-out and placement with a scripted fake and
+no sockets. The HTTP client's own exceptions are translated into corral's tree
+(``UpstreamConnectError``, ``UpstreamTimeoutError``, ``UpstreamBrokenError``) inside the
+transport, and nowhere else.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
-
-import aiohttp
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any, Protocol
 
 from corral.config import TimeoutSettings
-
-# Errors that mean "the backend did not answer": safe to retry elsewhere before the first byte.
-TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientConnectionError,
-    aiohttp.ClientPayloadError,
-    ConnectionError,
+from corral.errors import (
+    UpstreamBrokenError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeoutError,
 )
+
+Headers = list[tuple[bytes, bytes]]
+Body = bytes | AsyncIterable[bytes] | None
+
+
+class Response(Protocol):
+    """A backend's answer, its headers in; the body is read chunk by chunk as it arrives."""
+
+    status: int
+    headers: Headers  # as received, names lower-cased
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a lower-case header name."""
+        ...
+
+    async def read(self) -> bytes:
+        """The next chunk as soon as any bytes arrive; ``b""`` once the body ended.
+        Raises UpstreamTimeoutError after ``idle_s`` of silence, UpstreamBrokenError when the
+        connection breaks."""
+        ...
+
+    def at_eof(self) -> bool:
+        """The whole body has been handed out by :meth:`read`."""
+        ...
+
+    async def read_all(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes of the rest of the body."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection (reused when the body was read to its end)."""
+        ...
+
+
+class Transport(Protocol):
+    """Sends one request and returns once the answer's headers arrived."""
+
+    async def open(
+        self,
+        method: str,
+        url: str,
+        headers: Headers,
+        body: Body,
+        *,
+        headers_timeout_s: float | None,
+        idle_timeout_s: float | None,
+    ) -> Response: ...
+
+    def pool_stats(self) -> tuple[int, int]:
+        """(idle pooled connections, connections in use): for leak checks."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class Upstream:
-    """Opens requests to backends. One session (one pool) for proxying and health checks."""
+    """corral's client of its backends: the configured timeouts over one shared transport."""
 
-    def __init__(self, timeouts: TimeoutSettings) -> None:
+    def __init__(self, timeouts: TimeoutSettings, transport: Transport | None = None) -> None:
         self.timeouts = timeouts
-        self._session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
-            sock_connect=timeouts.connect_s,
-            sock_read=timeouts.first_token_s,
+        if transport is None:
+            from corral.http1 import Http1Pool
+
+            transport = Http1Pool(connect_timeout_s=timeouts.connect_s)
+        self.transport = transport
+
+    async def open(
+        self,
+        method: str,
+        url: str,
+        headers: Headers,
+        body: Body = None,
+        *,
+        headers_timeout_s: float | None = None,
+    ) -> Response:
+        """Send a request; returns once the headers arrived.
+
+        The wait for headers is bounded by ``first_token_s`` (Ollama sends its headers with the
+        first token, so this covers queueing and cold loads); later gaps by ``idle_s``.
+        """
+        return await self.transport.open(
+            method,
+            url,
+            headers,
+            body,
+            headers_timeout_s=headers_timeout_s or self.timeouts.first_token_s,
+            idle_timeout_s=self.timeouts.idle_s,
         )
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        timeout_s: float,
+        *,
+        headers: Headers | None = None,
+        body: bytes | None = None,
+        limit: int = 64 * 1024 * 1024,
+    ) -> tuple[int, bytes]:
+        """A whole exchange within ``timeout_s``: (status, body). Raises UpstreamError."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                resp = await self.transport.open(
+                    method,
+                    url,
+                    headers or [],
+                    body,
+                    headers_timeout_s=timeout_s,
+                    idle_timeout_s=timeout_s,
+                )
+                try:
+                    return resp.status, await resp.read_all(limit)
+                finally:
+                    resp.close()
+        except TimeoutError:
+            raise UpstreamTimeoutError(f"{url}: no answer within {timeout_s:g}s") from None
+
+    async def get_bytes(self, url: str, timeout_s: float) -> bytes:
+        """GET ``url``'s body; raises UpstreamError on failures, timeouts and non-2xx."""
+        status, body = await self.request("GET", url, timeout_s)
+        if status >= 400:
+            text = body[:200].decode(errors="replace")
+            raise UpstreamBrokenError(f"{url} answered {status}: {text}")
+        return body
+
+    async def get_json(self, url: str, timeout_s: float) -> Any:
+        """GET ``url`` and decode JSON; raises UpstreamError (also for a body that is no JSON)."""
+        body = await self.get_bytes(url, timeout_s)
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise UpstreamBrokenError(f"{url}: invalid JSON: {exc}") from None
+
+    async def post_json(self, url: str, payload: Any, timeout_s: float) -> tuple[int, Any]:
+        """POST JSON within ``timeout_s``: (status, decoded answer, or {"error": text})."""
+        headers = [(b"content-type", b"application/json")]
+        status, raw = await self.request(
+            "POST", url, timeout_s, headers=headers, body=json.dumps(payload).encode()
+        )
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, {"error": raw[:200].decode(errors="replace")}
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+
+class AiohttpTransport:
+    """The transport over one aiohttp ``ClientSession`` (kept for comparison: see the README's
+    "Choices" for why :class:`corral.http1.Http1Pool` is the default)."""
+
+    def __init__(self, connect_timeout_s: float) -> None:
+        import aiohttp
+
+        self._aiohttp = aiohttp
+        self._connect_timeout_s = connect_timeout_s
+        self._session: Any = None
+        self._errors = (aiohttp.ClientError, ConnectionError, OSError)
+
+    def _client(self) -> Any:
         if self._session is None or self._session.closed:
+            aiohttp = self._aiohttp
             # No total deadline: generations run for minutes. Per-phase limits instead.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
-                ),
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
                 timeout=aiohttp.ClientTimeout(total=None),
                 auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
@@ -50,44 +199,109 @@ class Upstream:
         self,
         method: str,
         url: str,
-        headers: dict[str, str],
-        body: bytes | None,
-    ) -> aiohttp.ClientResponse:
-        """Send a request and return once the response headers arrived.
-
-        The wait for headers is bounded by ``first_token_s`` (Ollama sends its headers with the
-        first token, so this covers queueing and cold loads); later gaps by ``idle_s``.
-        """
-        resp = await self.session.request(
-            method, url, headers=headers, data=body, timeout=self._timeout, allow_redirects=False
+        headers: Headers,
+        body: Body,
+        *,
+        headers_timeout_s: float | None,
+        idle_timeout_s: float | None,
+    ) -> Response:
+        aiohttp = self._aiohttp
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._connect_timeout_s, sock_read=headers_timeout_s
         )
+        try:
+            resp = await self._client().request(
+                method,
+                url,
+                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+                data=body,
+                timeout=timeout,
+                allow_redirects=False,
+            )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise UpstreamConnectError(_describe(exc)) from None
+        except TimeoutError:
+            raise UpstreamTimeoutError(f"no answer within {headers_timeout_s:g}s") from None
+        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+            raise UpstreamConnectError(_describe(exc)) from None
+        except self._errors as exc:
+            raise UpstreamBrokenError(_describe(exc)) from None
         conn = resp.connection
         if conn is not None and conn.protocol is not None:
-            conn.protocol.read_timeout = self.timeouts.idle_s
-        return resp
+            conn.protocol.read_timeout = idle_timeout_s
+        return _AiohttpResponse(resp, self._errors, idle_timeout_s)
 
-    async def get_json(self, url: str, timeout_s: float) -> Any:
-        """GET ``url`` and decode JSON; raises on transport errors, timeouts and non-2xx."""
-        return json.loads(await self.get_bytes(url, timeout_s))
-
-    async def get_bytes(self, url: str, timeout_s: float) -> bytes:
-        """GET ``url``'s body; raises on transport errors, timeouts and non-2xx."""
-        timeout = aiohttp.ClientTimeout(
-            total=timeout_s, sock_connect=min(timeout_s, self.timeouts.connect_s)
+    def pool_stats(self) -> tuple[int, int]:
+        if self._session is None:
+            return 0, 0
+        connector = self._session.connector
+        idle = sum(
+            1 for conns in connector._conns.values() for proto, _ in conns if proto.is_connected()
         )
-        async with self.session.get(url, timeout=timeout, allow_redirects=False) as resp:
-            body = await resp.read()
-            if resp.status >= 400:
-                raise aiohttp.ClientResponseError(
-                    resp.request_info,
-                    resp.history,
-                    status=resp.status,
-                    message=body[:200].decode(errors="replace"),
-                )
-            return body
+        return idle, len(connector._acquired)
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
             await self._session.close()
             # Let the transports finish closing before the loop goes away.
             await asyncio.sleep(0)
+
+
+class _AiohttpResponse:
+    __slots__ = ("_errors", "_idle_s", "_resp", "headers", "status")
+
+    def __init__(self, resp: Any, errors: tuple[type[BaseException], ...], idle_s: float | None):
+        self._resp = resp
+        self._errors = errors
+        self._idle_s = idle_s
+        self.status: int = resp.status
+        self.headers: Headers = [(k.lower(), v) for k, v in resp.raw_headers]
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    async def read(self) -> bytes:
+        try:
+            chunk: bytes = await self._resp.content.readany()
+        except TimeoutError:
+            raise UpstreamTimeoutError(f"no data for {self._idle_s:g}s") from None
+        except self._errors as exc:
+            raise UpstreamBrokenError(_describe(exc)) from None
+        return chunk
+
+    def at_eof(self) -> bool:
+        return bool(self._resp.content.is_eof())
+
+    async def read_all(self, limit: int) -> bytes:
+        try:
+            data: bytes = await self._resp.content.read(limit)
+        except TimeoutError:
+            raise UpstreamTimeoutError(f"no data for {self._idle_s:g}s") from None
+        except self._errors as exc:
+            raise UpstreamBrokenError(_describe(exc)) from None
+        return data
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+def _describe(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:200]
+
+
+async def lines(resp: Response) -> AsyncIterator[bytes]:
+    """The body split into lines (NDJSON progress), the last one even without its newline."""
+    held = b""
+    while chunk := await resp.read():
+        held += chunk
+        *done, held = held.split(b"\n")
+        for line in done:
+            yield line
+    if held:
+        yield held
+
+
+__all__ = ["Response", "Transport", "Upstream", "UpstreamError", "lines"]

@@ -77,13 +77,7 @@ class LeakCheck:
         def read() -> Snapshot:
             current = asyncio.current_task()
             tasks = Counter(_label(t) for t in asyncio.all_tasks() if t is not current)
-            connector = runtime.upstream.session.connector
-            idle = sum(
-                1
-                for conns in connector._conns.values()
-                for proto, _ in conns
-                if proto.is_connected()
-            )
+            idle, acquired = runtime.upstream.transport.pool_stats()
             sockets = _open_tcp_sockets()
             return Snapshot(
                 tasks=tasks,
@@ -92,7 +86,7 @@ class LeakCheck:
                 ),
                 upstream_sockets=sum(1 for _, rp, _ in sockets if rp in ports),
                 pooled_idle=idle,
-                acquired=len(connector._acquired),
+                acquired=acquired,
                 in_flight={b.id: b.in_flight for b in runtime.registry.all()},
                 queued=runtime.admission.queued,
             )

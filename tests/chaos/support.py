@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from tests.integration.test_failover import poll
+from tests.helpers import poll
 
 LB = "/api/v1/loadbalancer"
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import socket
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -29,6 +28,7 @@ from hypothesis import strategies as st
 from corral.sim.harness import SimProcess
 from corral.strategies import STRATEGIES
 from tests.fuzz.conftest import ADMIN_KEY, AsgiHarness, Reply, examples, start_corral
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.fuzz
 
@@ -45,12 +45,6 @@ _ANSWER_KEYS = {
     ("get", "/healthz"): {"status"},
     ("get", "/readyz"): {"status", "healthy"},
 }
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +342,7 @@ def test_admin_api_from_its_schema(admin: dict[str, Any]) -> None:
     schema = admin["schema"]
     ops = operations(schema)
     validation = validation_schema(schema)
-    sim_url, dead_url = admin["sim"].url, f"http://127.0.0.1:{_closed_port()}"
+    sim_url, dead_url = admin["sim"].url, f"http://127.0.0.1:{free_port()}"
 
     @given(
         data=st.data(),

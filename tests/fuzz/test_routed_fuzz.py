@@ -35,6 +35,7 @@ from tests.fuzz.conftest import (
     examples,
     start_corral,
 )
+from tests.helpers import CorralThread, make_settings
 
 pytestmark = pytest.mark.fuzz
 
@@ -664,8 +665,6 @@ SOCKET_CASES: dict[str, tuple[bytes, set[int | None], bool]] = {
 @pytest.fixture(scope="module")
 def served(sim: SimProcess) -> Iterator[Any]:
     """corral under uvicorn on a loopback port (the real HTTP parser in front of the app)."""
-    from tests.conftest import CorralThread, make_settings
-
     config = make_settings(
         [{"id": "sim", "url": sim.url}], server={"max_body_mb": MAX_BODY_BYTES / 1_000_000}
     )

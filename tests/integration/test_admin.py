@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_failover import poll
+from tests.helpers import poll
 
 pytestmark = pytest.mark.integration
 LB = "/api/v1/loadbalancer"

@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import CorralThread, make_settings
-from tests.integration.test_failover import metric, poll
+from tests.helpers import CorralThread, make_settings, metric, poll
 
 pytestmark = pytest.mark.integration
 LB = "/api/v1/loadbalancer"

@@ -11,22 +11,9 @@ import httpx
 import pytest
 
 from corral.sim.config import GIB
-from tests.integration.test_failover import metric, poll
-from tests.integration.test_gpu_live import loads, warm
+from tests.helpers import loads, metric, poll, served_by, warm
 
 pytestmark = pytest.mark.integration
-
-
-def served_by(
-    client: httpx.Client, body: dict[str, Any], n: int = 1, **headers: str
-) -> Counter[str]:
-    got: Counter[str] = Counter()
-    for _ in range(n):
-        path = "/api/chat" if "messages" in body else "/api/generate"
-        resp = client.post(path, json={"stream": False, **body}, headers=headers)
-        assert resp.status_code == 200, resp.text
-        got[resp.headers["x-corral-backend"]] += 1
-    return got
 
 
 def three(sim_factory: Any, corral_factory: Any, **balancer: Any) -> tuple[list[Any], Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_failover import poll
+from tests.helpers import poll, served_by
 
 pytestmark = pytest.mark.integration
 
@@ -19,13 +19,8 @@ GEN = {"model": "llama3.2", "prompt": "x", "stream": False}
 
 
 def spread(corral: Any, n: int, body: dict[str, Any] = GEN) -> Counter[str]:
-    seen: Counter[str] = Counter()
     with corral.client() as client:
-        for _ in range(n):
-            r = client.post("/api/generate", json=body)
-            assert r.status_code == 200
-            seen[r.headers["x-corral-backend"]] += 1
-    return seen
+        return served_by(client, body, n)
 
 
 def test_weighted_round_robin_follows_weights(sim_factory: Any, corral_factory: Any) -> None:

@@ -13,8 +13,7 @@ import openai
 import pytest
 
 from corral.config import load_config
-from tests.conftest import CorralThread, free_port
-from tests.integration.test_failover import metric, poll
+from tests.helpers import CorralThread, free_port, metric, poll
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,7 @@ import threading
 import httpx
 import pytest
 
-from tests.conftest import free_port
-from tests.integration.test_failover import poll
+from tests.helpers import free_port, poll
 
 pytestmark = pytest.mark.integration
 

@@ -10,25 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import metric, poll
+
 pytestmark = pytest.mark.integration
-
-
-def poll(predicate: Any, timeout_s: float, interval_s: float = 0.02) -> bool:
-    """Poll ``predicate`` until true or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
-
-
-def metric(client: httpx.Client, prefix: str) -> float:
-    total = 0.0
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(prefix):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_sigkill_under_load_loses_no_request(sim_process_factory: Any, corral_factory: Any) -> None:

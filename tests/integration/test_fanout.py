@@ -13,8 +13,7 @@ import ollama
 import pytest
 
 from corral.app import create_app
-from tests.conftest import make_settings
-from tests.integration.test_failover import poll
+from tests.helpers import free_port, make_settings, ndjson, poll
 
 pytestmark = pytest.mark.integration
 
@@ -39,10 +38,6 @@ def names(sim: Any) -> set[str]:
     """The models a simulator lists in /api/tags."""
     with httpx.Client() as client:
         return {m["name"] for m in client.get(sim.url + "/api/tags").json()["models"]}
-
-
-def lines(resp: httpx.Response) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in resp.iter_lines() if line]
 
 
 def test_ollama_client_pull_lands_on_every_backend(fleet: Any, oc: ollama.Client) -> None:
@@ -73,7 +68,7 @@ def test_streamed_pull_merges_every_backends_progress(
         assert r.status_code == 200
         assert r.headers["content-type"] == "application/x-ndjson"
         assert r.headers["x-corral-backend"] == "a,b"
-        got = lines(r)
+        got = ndjson(r)
     assert got[-1] == {"status": "success"}
     assert {"backend": "a", "status": "success"} in got
     assert {"backend": "b", "status": "success"} in got
@@ -100,7 +95,7 @@ def test_one_backend_failing_does_not_stop_the_others(fleet: Any, oc: ollama.Cli
         client.stream("POST", "/api/pull", json={"model": "gemma3:1b"}) as r,
     ):
         assert r.status_code == 200
-        got = lines(r)
+        got = ndjson(r)
     assert {"backend": "a", "status": "success"} in got
     assert {"backend": "b", "error": "pull model manifest: file does not exist"} in got
     assert got[-1]["failed"] == ["b"]
@@ -269,8 +264,6 @@ def test_bad_requests_keep_ollamas_shapes(fleet: Any) -> None:
 
 def test_no_healthy_backend_is_503(corral_factory: Any) -> None:
     """Nothing healthy to manage: 503 with Retry-After in Ollama's shape."""
-    from tests.conftest import free_port
-
     corral = corral_factory([{"id": "dead", "url": f"http://127.0.0.1:{free_port()}"}])
     with corral.client() as client:
         r = client.post("/api/pull", json={"model": "tinyllama"})

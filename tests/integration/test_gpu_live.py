@@ -12,7 +12,7 @@ import pytest
 from corral.fleet.gpu import NvmlSampler
 from corral.sim.config import GIB, SimModel, default_models
 from tests.fake_nvml import FakeNvml, h100_idle, l4_idle
-from tests.integration.test_failover import metric, poll
+from tests.helpers import loads, metric, poll, served_by, warm
 
 pytestmark = pytest.mark.integration
 
@@ -35,34 +35,6 @@ def two_gpus(sim_factory: Any, corral_factory: Any, **gpu: Any) -> tuple[Any, An
         balancer={"strategy": "round_robin"},
     )
     return big, small, corral
-
-
-def backends_of(client: httpx.Client, model: str, n: int) -> Counter[str]:
-    got: Counter[str] = Counter()
-    for _ in range(n):
-        resp = client.post("/api/generate", json={"model": model, "prompt": "hi", "stream": False})
-        assert resp.status_code == 200, resp.text
-        got[resp.headers["x-corral-backend"]] += 1
-    return got
-
-
-def warm(client: httpx.Client, model: str, *sims: Any) -> None:
-    """Load ``model`` on every sim directly, and wait until corral sees it resident on each."""
-    for sim in sims:
-        with httpx.Client(base_url=sim.url, timeout=10) as direct:
-            direct.post("/api/generate", json={"model": model, "prompt": "", "stream": False})
-    key = model if ":" in model else f"{model}:latest"
-    urls = {sim.url for sim in sims}
-
-    def seen() -> bool:
-        return all(key in e["resident"] for e in loads(client).values() if e["url"] in urls)
-
-    assert poll(seen, 5)
-
-
-def loads(client: httpx.Client) -> dict[str, Any]:
-    data: dict[str, Any] = client.get("/api/v1/loadbalancer/loads").json()["loads"]
-    return data
 
 
 def test_gpus_from_exporter_pages_show_in_admin_loads_and_weights(
@@ -88,17 +60,17 @@ def test_hot_gpu_is_avoided_until_it_cools(sim_factory: Any, corral_factory: Any
     with httpx.Client(base_url=corral.url, timeout=10) as client:
         assert poll(lambda: loads(client)["big"]["gpu_stats"] is not None, 5)
         warm(client, "llama3.2", big, small)
-        assert set(backends_of(client, "llama3.2", 6)) == {"big", "small"}
+        assert set(served_by(client, {"model": "llama3.2", "prompt": "hi"}, 6)) == {"big", "small"}
         big.config.gpu_temp_c = 90
         assert poll(lambda: loads(client)["big"]["gpu_hot"], 5)
-        assert backends_of(client, "llama3.2", 8) == Counter(small=8)
+        assert served_by(client, {"model": "llama3.2", "prompt": "hi"}, 8) == Counter(small=8)
         assert metric(client, 'corral_gpu_events_total{backend="big"') == 1
         big.config.gpu_temp_c = 82  # cooler, still inside the hysteresis
         assert poll(lambda: loads(client)["big"]["gpu_stats"]["temperature_c"] == 82, 5)
-        assert backends_of(client, "llama3.2", 6) == Counter(small=6)
+        assert served_by(client, {"model": "llama3.2", "prompt": "hi"}, 6) == Counter(small=6)
         big.config.gpu_temp_c = None  # back to the load-following temperature (~35 °C)
         assert poll(lambda: not loads(client)["big"]["gpu_hot"], 5)
-        assert set(backends_of(client, "llama3.2", 6)) == {"big", "small"}
+        assert set(served_by(client, {"model": "llama3.2", "prompt": "hi"}, 6)) == {"big", "small"}
 
 
 def test_model_too_big_for_the_small_gpu_lands_on_the_big_one(
@@ -109,8 +81,8 @@ def test_model_too_big_for_the_small_gpu_lands_on_the_big_one(
     with httpx.Client(base_url=corral.url, timeout=10) as client:
         assert poll(lambda: loads(client)["small"]["vram_total_bytes"] is not None, 5)
         warm(client, "llama3.2", big, small)
-        assert backends_of(client, "mixtral:8x7b", 6) == Counter(big=6)
-        assert set(backends_of(client, "llama3.2", 6)) == {"big", "small"}
+        assert served_by(client, {"model": "mixtral:8x7b", "prompt": "hi"}, 6) == Counter(big=6)
+        assert set(served_by(client, {"model": "llama3.2", "prompt": "hi"}, 6)) == {"big", "small"}
 
 
 def test_gpu_utilization_metric_rises_under_load(sim_factory: Any, corral_factory: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_failover import metric, poll
+from tests.helpers import metric, poll
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from corral.sim.config import GIB, SimModel
-from tests.integration.test_failover import metric, poll
+from tests.helpers import metric, poll
 
 pytestmark = pytest.mark.integration
 

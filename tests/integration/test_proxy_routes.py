@@ -8,6 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import free_port
+
 pytestmark = pytest.mark.integration
 
 
@@ -154,8 +156,6 @@ def test_oversized_body_is_413(sim_factory: Any, corral_factory: Any) -> None:
 
 def test_no_backend_is_503_with_retry_after(corral_factory: Any) -> None:
     """With every backend down, inference gets 503 + Retry-After (whole seconds ≥ 1)."""
-    from tests.conftest import free_port
-
     corral = corral_factory([{"id": "dead", "url": f"http://127.0.0.1:{free_port()}"}])
     with corral.client() as client:
         r = client.post("/api/generate", json={"model": "llama3.2", "prompt": "x"})

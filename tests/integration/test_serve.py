@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port
-from tests.integration.test_failover import poll
+from tests.helpers import free_port, poll
 
 pytestmark = pytest.mark.integration
 

@@ -29,8 +29,7 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from corral.sim.config import GIB
-from tests.conftest import require_tool
-from tests.integration.test_failover import poll
+from tests.helpers import poll, require_tool
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import pytest
 from corral.auth import ClientAuth, admin_denial, parse_client_keys, presented_key
 from corral.config import load_config
 from corral.errors import ConfigError
-from tests.unit.test_routing import FakeClock
+from tests.helpers import FakeClock
 
 
 def test_entries_with_options_comments_and_commas() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from corral.config import load_config
 from corral.errors import ConfigError
+from tests.helpers import REPO_ROOT
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -98,7 +99,7 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
 
 def test_example_config_is_valid() -> None:
     """config.example.toml (every key documented) loads as it ships."""
-    example = Path(__file__).parents[2] / "config.example.toml"
+    example = REPO_ROOT / "config.example.toml"
     s = load_config(example, env={})
     assert len(s.backends) >= 2
 

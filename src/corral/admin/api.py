@@ -16,10 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.auth import admin_denial
 from corral.config import BackendSettings
-from corral.errors import DuplicateBackendError, UnknownBackendError, UnknownStrategyError
+from corral.errors import (
+    DuplicateBackendError,
+    NotInstalledError,
+    UnknownBackendError,
+    UnknownStrategyError,
+)
 from corral.fleet import inventory
 from corral.fleet.backends import BackendState
-from corral.fleet.placement import NotInstalledError
 from corral.runtime import Runtime
 
 
@@ -319,7 +323,8 @@ async def stats(runtime: RuntimeDep) -> dict[str, Any]:
         "current_load": current,
         "utilization": round(current / capacity, 4) if capacity else 0.0,
         "queued": runtime.admission.queued,
-        "retried": int(sum(s.value for s in _samples(runtime, "corral_retries_total"))),
+        "queued_by_priority": runtime.admission.queued_by_priority(),
+        "retried": runtime.forwarder.retries,
     }
 
 

@@ -13,7 +13,8 @@ import bisect
 import itertools
 import math
 import time
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from corral.balancer.routing import Router, backend_cap, demand_key
@@ -36,6 +37,14 @@ def parse_priority(value: str | None) -> int:
         raise ValueError(
             f"invalid X-Priority {value.strip()!r}: expected low, normal, high or urgent"
         ) from None
+
+
+@dataclass(slots=True)
+class Lease:
+    """One granted slot: its backend, and how long the backend served (None: it failed)."""
+
+    backend: BackendState
+    served_s: float | None = None
 
 
 @dataclass(eq=False)
@@ -255,6 +264,38 @@ class Admission:
         if model_key is not None:
             self.router.demand.end(backend.id, model_key, held_s)
         self.registry.release(backend)
+
+    @asynccontextmanager
+    async def slot(
+        self,
+        model: str,
+        model_key: str | None,
+        route: str,
+        exclude: Collection[str] = (),
+        *,
+        rank: int = 1,
+        enqueued: float | None = None,
+        session: str | None = None,
+        num_ctx: int | None = None,
+    ) -> AsyncIterator[Lease]:
+        """Hold one slot for the block: granted (at once or from the queue) on entry, given
+        back on exit, whatever happens inside. Set ``lease.served_s`` when the backend
+        answered, so that demand learns how long it takes. Raises as :meth:`acquire`."""
+        backend = await self.acquire(
+            model,
+            model_key,
+            route,
+            exclude,
+            rank=rank,
+            enqueued=enqueued,
+            session=session,
+            num_ctx=num_ctx,
+        )
+        lease = Lease(backend)
+        try:
+            yield lease
+        finally:
+            self.release(backend, demand_key(model_key, route), lease.served_s)
 
     def _any_free(self) -> bool:
         """Some backend takes requests and has a slot (else dispatching is pointless)."""

@@ -27,9 +27,10 @@ import structlog
 from corral.balancer.costs import LoadCost, holding
 from corral.balancer.routing import Router, rank
 from corral.config import PlacementSettings
+from corral.errors import PlacementError
 from corral.fleet import inventory
 from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
-from corral.fleet.placement import PlacementError, Send, name_on, post_load
+from corral.fleet.placement import Send, name_on, post_load
 from corral.metrics import Metrics
 
 log = structlog.get_logger("corral.placement")

@@ -12,33 +12,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from corral.cli.client import (
-    API,
-    DEFAULT_URL,
-    ApiError,
-    JsonOpt,
-    KeyOpt,
-    UrlOpt,
-    _call,
-    _fail,
-    _health,
-    _num,
-    _say,
-    _short_gpu_name,
-    _show,
-    client_app,
-    err,
-    fetch,
-)
-
-# corral backends ----------------------------------------------------------------------------
+from corral.cli.client import API, DEFAULT_URL, ApiError, KeyOpt, UrlOpt, call, fail, fetch
+from corral.cli.render import JsonOpt, err, health, num, say, short_gpu_name, show
 
 backends_app = typer.Typer(
     help="List, add, remove, drain and enable the backends of a running corral.",
     invoke_without_command=True,
     no_args_is_help=False,
 )
-client_app.add_typer(backends_app, name="backends")
 
 
 def _opts(
@@ -82,7 +63,7 @@ def backends_table(entries: list[dict[str, Any]]) -> Table:
         stats = e.get("gpu_stats") or {}
         gpu = e.get("gpu")
         if stats.get("name"):
-            gpu_text = _short_gpu_name(stats["name"])
+            gpu_text = short_gpu_name(stats["name"])
         elif gpu is not None:
             gpu_text = ", ".join(map(str, gpu)) if isinstance(gpu, list) else str(gpu)
         else:
@@ -99,9 +80,9 @@ def backends_table(entries: list[dict[str, Any]]) -> Table:
         table.add_row(
             escape(str(e.get("instance_id"))),
             escape(str(e.get("url", ""))),
-            _health(e),
+            health(e),
             f"{e.get('active_connections', 0)}/{e.get('max_concurrent', '?')}",
-            _num(e.get("weight") or 1.0),
+            num(e.get("weight") or 1.0),
             escape(gpu_text),
             ", ".join(notes) or "-",
         )
@@ -109,8 +90,8 @@ def backends_table(entries: list[dict[str, Any]]) -> Table:
 
 
 def _list_backends(url: str, key: str | None, as_json: bool) -> None:
-    data = _call(url, key, "GET", f"{API}/backends")
-    _show(data, as_json, lambda d: backends_table(d.get("backends", [])))
+    data = call(url, key, "GET", f"{API}/backends")
+    show(data, as_json, lambda d: backends_table(d.get("backends", [])))
 
 
 @backends_app.callback()
@@ -138,8 +119,8 @@ def backends_list(
 
 def _state_words(e: dict[str, Any]) -> str:
     return (
-        f"{Text.from_markup(_health(e)).plain}, {e.get('active_connections', 0)}/"
-        f"{e.get('max_concurrent', '?')} in flight, weight {_num(e.get('weight') or 1.0)}"
+        f"{Text.from_markup(health(e)).plain}, {e.get('active_connections', 0)}/"
+        f"{e.get('max_concurrent', '?')} in flight, weight {num(e.get('weight') or 1.0)}"
     )
 
 
@@ -202,11 +183,11 @@ def backends_add(
             body[field] = value
     if fallback:
         body["fallback"] = True
-    entry = _call(url, admin_key, "POST", f"{API}/backends", body)
+    entry = call(url, admin_key, "POST", f"{API}/backends", body)
     if as_json:
         print(json.dumps(entry, indent=2))
         return
-    _say(f"added {backend_id} ({entry.get('url', backend_url)}): {_state_words(entry)}")
+    say(f"added {backend_id} ({entry.get('url', backend_url)}): {_state_words(entry)}")
     if not entry.get("healthy"):
         err.print(
             f"warning: {backend_id} does not answer yet; corral keeps probing it",
@@ -237,13 +218,13 @@ def backends_remove(
                 url, admin_key, "DELETE", _backend_path(backend_id), params=params, timeout_s=3600.0
             )
     except ApiError as exc:
-        _fail(str(exc).replace("DELETE with ?force=true", "add --force"))
+        fail(str(exc).replace("DELETE with ?force=true", "add --force"))
     if as_json:
         print(json.dumps(data, indent=2))
         return
     left = data.get("in_flight") or 0
     tail = f" ({left} request(s) still in flight finish on their own)" if left else ""
-    _say(f"removed {data.get('removed', backend_id)}{tail}")
+    say(f"removed {data.get('removed', backend_id)}{tail}")
 
 
 def _register_action(action: str, doc: str, said: Callable[[str, dict[str, Any]], str]) -> None:
@@ -258,11 +239,11 @@ def _register_action(action: str, doc: str, said: Callable[[str, dict[str, Any]]
     ) -> None:
         url, admin_key, as_json = _opts(ctx, url, admin_key, as_json)
         path = _backend_path(backend_id)
-        entry: dict[str, Any] = _call(url, admin_key, "PATCH", path, {"action": action})
+        entry: dict[str, Any] = call(url, admin_key, "PATCH", path, {"action": action})
         if as_json:
             print(json.dumps(entry, indent=2))
         else:
-            _say(said(backend_id, entry))
+            say(said(backend_id, entry))
 
     backends_app.command(action, help=doc)(command)
 

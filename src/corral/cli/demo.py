@@ -164,7 +164,7 @@ async def _demo(port: int, strategy: str) -> None:
             )
         )
         loads = (await client.get("/api/v1/loadbalancer/loads")).json()
-    from corral.cli.client import load_table
+    from corral.cli.render import load_table
 
     console.print(load_table(loads))
     console.print("\nPress Ctrl-C to stop.", style="dim")

@@ -1,4 +1,9 @@
-"""The ``corral`` command line (typer)."""
+"""The ``corral`` command line: the one typer tree, assembled here.
+
+Local commands are defined here (serve, check-config, demo) or next door (``sim``: corral.sim,
+``init``: init.py). The client commands talk to a running corral, a module per command group:
+status.py, strategy.py, models.py (models, place), backends.py, gpus.py (this host's GPUs, or
+a corral's with --url); client.py is their admin API client, render.py what they print."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from corral import __version__
-from corral.cli.client import client_app, console, err
+from corral.cli.render import console, err
 from corral.config import Settings, load_config
 from corral.errors import ConfigError
 
@@ -115,9 +120,15 @@ _register_init()
 
 
 def _register_client_commands() -> None:
-    import corral.cli.backends  # noqa: F401  (adds ``corral backends`` to the client app)
+    """The commands that talk to a running corral, a module per command group."""
+    from corral.cli import backends, gpus, models, status, strategy
 
-    app.add_typer(client_app)
+    app.command()(gpus.gpus)
+    app.command()(status.status)
+    app.command()(strategy.strategy)
+    app.command()(models.models)
+    app.command()(models.place)
+    app.add_typer(backends.backends_app, name="backends")
 
 
 _register_client_commands()

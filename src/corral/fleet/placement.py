@@ -34,18 +34,16 @@ with ``keep_alive`` 0; after each, the backend is probed so routing sees the cha
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-import aiohttp
 import structlog
 
 from corral.config import PlacementSettings
-from corral.errors import CorralError
+from corral.errors import NotInstalledError, PlacementError, UpstreamError
 from corral.fleet import inventory
 from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
 from corral.metrics import Metrics
@@ -58,14 +56,6 @@ Action = Literal["preload", "unload", "gpu", "cpu"]
 Send = Callable[[str, dict[str, Any]], Awaitable[tuple[int, Any]]]
 Refresh = Callable[[BackendState], Awaitable[Any]]
 Poll = Callable[[], Awaitable[Any]]
-
-
-class PlacementError(CorralError):
-    """A load or unload the backend refused or did not answer."""
-
-
-class NotInstalledError(PlacementError):
-    """The model is not installed on the backend(s) named."""
 
 
 @dataclass(frozen=True)
@@ -164,21 +154,10 @@ def name_on(backend: BackendState, key: str, given: str) -> str:
 
 
 def http_sender(upstream: Upstream, timeout_s: float) -> Send:
-    """POST JSON through the shared session; ``timeout_s`` bounds a whole load."""
-    timeout = aiohttp.ClientTimeout(
-        total=timeout_s, sock_connect=min(timeout_s, upstream.timeouts.connect_s)
-    )
+    """POST JSON through the upstream seam; ``timeout_s`` bounds a whole load."""
 
     async def send(url: str, body: dict[str, Any]) -> tuple[int, Any]:
-        async with upstream.session.post(
-            url, json=body, timeout=timeout, allow_redirects=False
-        ) as resp:
-            raw = await resp.read()
-            status = resp.status
-        try:
-            return status, json.loads(raw)
-        except ValueError:
-            return status, {"error": raw[:200].decode(errors="replace")}
+        return await upstream.post_json(url, body, timeout_s)
 
     return send
 
@@ -439,7 +418,7 @@ async def post_load(send: Send, b: BackendState, body: dict[str, Any]) -> None:
     async def call(path: str, payload: dict[str, Any]) -> tuple[int, Any]:
         try:
             return await send(b.url + path, payload)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (UpstreamError, OSError) as exc:  # OSError: a sender of its own
             raise PlacementError(f"{b.id}: {exc!r}") from None
 
     status, answer = await call("/api/generate", body)

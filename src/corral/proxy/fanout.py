@@ -34,18 +34,18 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs
 
-import aiohttp
 import structlog
 
+from corral.asgi import Headers, Receive, Scope, Send, header, unless_gone
 from corral.auth import admin_denial
-from corral.errors import CorralError, UnknownBackendError
+from corral.errors import CorralError, UnknownBackendError, UpstreamError, UpstreamTimeoutError
 from corral.fleet.backends import BackendRegistry, BackendState
 from corral.fleet.health import HealthChecker
-from corral.proxy.forward import Receive, Scope, Send
-from corral.upstream import Upstream
+from corral.proxy.relay import send_bytes
+from corral.upstream import Upstream, lines
 
 log = structlog.get_logger("corral.fanout")
 
@@ -55,8 +55,7 @@ CHANGES_MODELS = frozenset({"pull", "create", "copy", "delete"})
 _DIGEST = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
 _JSON = (b"content-type", b"application/json; charset=utf-8")
 _NDJSON = (b"content-type", b"application/x-ndjson")
-_BROKEN = (TimeoutError, aiohttp.ClientError, OSError, ValueError)
-_T = TypeVar("_T")
+_BROKEN = (UpstreamError, ValueError)
 BodyReader = Callable[[], Awaitable[bytes | None]]
 
 
@@ -89,7 +88,7 @@ class _Job:
     action: str
     method: str
     path: str
-    headers: dict[str, str]  # forwarded upstream
+    headers: Headers  # forwarded upstream
     targets: list[BackendState]
     reply_headers: list[tuple[bytes, bytes]]
 
@@ -123,7 +122,7 @@ class FanOut:
         send: Send,
         *,
         request_id: str,
-        headers: dict[str, str],
+        headers: Headers,
         read_body: BodyReader,
     ) -> None:
         """Serve one management request (the method is already checked against the path)."""
@@ -131,7 +130,8 @@ class FanOut:
         path: str = scope["path"]
         action, method = path.split("/")[2], scope["method"]
         base = [(b"x-request-id", request_id.encode())]
-        headers.pop("accept-encoding", None)  # corral reads the progress lines itself
+        # corral reads the progress lines itself: no compressed answers.
+        headers = [(k, v) for k, v in headers if k != b"accept-encoding"]
         model: str | None = None
         data: dict[str, Any] = {}
         body: bytes | None = None
@@ -159,14 +159,14 @@ class FanOut:
         if action in STREAMING:
             upstream_body = json.dumps({**data, "stream": True}).encode()
             stream = data.get("stream") is not False
-            result = await _unless_gone(receive, self._progress(send, job, upstream_body, stream))
+            result = await unless_gone(receive, self._progress(send, job, upstream_body, stream))
         elif action == "blobs" and method == "POST":
-            length = _header(scope, b"content-length")
+            length = header(scope, b"content-length")
             if length is not None:
-                headers["Content-Length"] = length
+                headers.append((b"content-length", length.encode("latin-1")))
             result = await self._upload(receive, send, job)
         else:
-            result = await _unless_gone(receive, self._simple(send, job, body))
+            result = await unless_gone(receive, self._simple(send, job, body))
         status, outcomes = result if result is not None else (499, [])
         log.info(
             "fan-out",
@@ -185,8 +185,8 @@ class FanOut:
         client = scope.get("client")
         denied = admin_denial(
             self.admin_key,
-            _header(scope, b"x-api-key"),
-            _header(scope, b"authorization"),
+            header(scope, b"x-api-key"),
+            header(scope, b"authorization"),
             client[0] if client else None,
         )
         if denied is not None:
@@ -282,10 +282,12 @@ class FanOut:
             return _broken(bid, exc)
         try:
             if not 200 <= resp.status < 300:
-                return Outcome(bid, resp.status, _error_text(await resp.read(), resp.status))
+                return Outcome(
+                    bid, resp.status, _error_text(await resp.read_all(65536), resp.status)
+                )
             await events.put(None)
             success = False
-            async for raw in resp.content:  # one NDJSON line at a time
+            async for raw in lines(resp):  # one NDJSON line at a time
                 if not raw.strip():
                     continue
                 obj = json.loads(raw)
@@ -329,7 +331,7 @@ class FanOut:
         try:
             if not await _pump(receive, feeds):
                 return None
-            outcomes = await _unless_gone(receive, asyncio.gather(*tasks))
+            outcomes = await unless_gone(receive, asyncio.gather(*tasks))
         finally:
             await _cancel(tasks)
         return None if outcomes is None else await self._answer(send, job, list(outcomes))
@@ -350,9 +352,12 @@ class FanOut:
     ) -> Outcome:
         bid = backend.id
         try:
-            async with await self._open(job, backend, body) as resp:
+            resp = await self.upstream.open(job.method, backend.url + job.path, job.headers, body)
+            try:
                 status = resp.status
-                payload = await resp.read()
+                payload = await resp.read_all(1 << 20)
+            finally:
+                resp.close()
         except _BROKEN as exc:
             return _broken(bid, exc)
         if not 200 <= status < 300:
@@ -360,21 +365,6 @@ class FanOut:
         if job.refresh:
             await self.health.probe(backend)
         return Outcome(bid, status)
-
-    async def _open(
-        self, job: _Job, backend: BackendState, body: bytes | AsyncIterator[bytes] | None
-    ) -> aiohttp.ClientResponse:
-        url = backend.url + job.path
-        if body is None or isinstance(body, bytes):
-            return await self.upstream.open(job.method, url, job.headers, body)
-        # A streamed upload (Upstream.open takes bytes): the same connect and read limits.
-        t = self.upstream.timeouts
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=t.connect_s, sock_read=t.first_token_s
-        )
-        return await self.upstream.session.request(
-            job.method, url, headers=job.headers, data=body, timeout=timeout, allow_redirects=False
-        )
 
 
 class _Feed:
@@ -422,22 +412,6 @@ async def _pump(receive: Receive, feeds: list[_Feed]) -> bool:
                 await feed.put(None)
         if not more or all(feed.closed for feed in feeds):
             return True
-
-
-async def _unless_gone(receive: Receive, work: Awaitable[_T]) -> _T | None:
-    """Run ``work``; cancel it and answer None if the client disconnects first."""
-    job = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait((job, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await _cancel([watcher, job])
-    return None if job.cancelled() else job.result()
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
@@ -496,9 +470,9 @@ def _in_order(outcomes: list[Outcome], targets: list[BackendState]) -> list[Outc
 
 
 def _broken(backend_id: str, exc: BaseException) -> Outcome:
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, UpstreamTimeoutError):
         return Outcome(backend_id, 504, "the backend did not answer in time")
-    if isinstance(exc, ValueError) and not isinstance(exc, aiohttp.ClientError):
+    if isinstance(exc, ValueError):
         return Outcome(backend_id, 502, f"the backend sent an invalid progress line: {exc}")
     return Outcome(backend_id, 502, f"backend unreachable: {str(exc) or type(exc).__name__}")
 
@@ -516,11 +490,6 @@ def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    value: bytes | None = dict(scope["headers"]).get(name)
-    return None if value is None else value.decode("latin-1")
-
-
 async def _reply(
     send: Send,
     status: int,
@@ -530,11 +499,9 @@ async def _reply(
     head: bool = False,
 ) -> None:
     body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
-    headers = [*headers, (b"content-length", str(len(body)).encode())]
-    if payload is not None:
-        headers.append(_JSON)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else body})
+    await send_bytes(
+        send, status, body, [*headers, _JSON] if payload is not None else headers, head=head
+    )
 
 
 __all__ = ["FanOut", "Outcome"]

@@ -1,0 +1,53 @@
+"""What travels down the hot path and what comes back: one request object, one result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from corral.auth import ClientKey
+from corral.upstream import Headers
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A routed endpoint: its metric label and the shape of its errors."""
+
+    name: str
+    openai: bool = False
+    # Ollama answers a missing model with 400 "model is required" here (404 elsewhere).
+    model_required: bool = False
+
+
+@dataclass(slots=True)
+class RoutedRequest:
+    """One routed request, as the front door read it: everything later stops need."""
+
+    route: Route
+    method: str
+    path: str  # with the query string, as sent upstream
+    body: bytes | None
+    model: str
+    model_key: str  # Ollama's matching key (``normalize_model``)
+    request_id: str
+    headers: Headers  # forwarded upstream (hop-by-hop and keys removed, X-Request-ID set)
+    started: float  # perf_counter at the door
+    stream: bool = True
+    rank: int = 1  # priority class
+    session: str | None = None  # conversation key (session affinity)
+    num_ctx: int | None = None
+    client: ClientKey | None = None
+
+
+@dataclass(slots=True)
+class Result:
+    """How a routed request ended: what metrics, logs and health read, each in one place."""
+
+    status: int = 499
+    backend: str | None = None
+    attempts: int = 0
+    ttft_s: float | None = None
+    tokens: int = 0
+    error: str | None = None
+    busy: bool = False  # the backend answered Ollama's 503 "server busy" (its queue is full)
+    # The backend's final counters (prompt tokens, cache hits, load and prefill times).
+    stats: dict[str, int] = field(default_factory=dict)
