@@ -6,9 +6,12 @@ import asyncio
 import atexit
 import contextlib
 import io
+import json
 import logging
 import sys
 import threading
+import time
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -76,6 +79,59 @@ def _buffered_stderr() -> TextIO:
     return io.TextIOWrapper(io.BufferedWriter(raw, 1 << 16), encoding="utf-8", write_through=False)
 
 
+class _Stamper:
+    """``timestamp`` in ISO 8601 UTC with microseconds, as structlog's ``TimeStamper(fmt="iso",
+    utc=True)`` writes it, with the date and time formatted once per second."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(
+        self, logger: Any, name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
+_stamp = _Stamper()
+
+
+class AccessLog:
+    """The access line, one per request.
+
+    With JSON logs at level info or below, the line is rendered here in one ``json.dumps``,
+    exactly as structlog's chain would render it (the fields, then ``event``, ``level``,
+    ``timestamp``) and handed to the same buffered writer: the processor chain was a sixth
+    of corral's CPU per proxied request. Otherwise (console logs, a higher level, logging
+    not configured, as in tests) it goes through structlog.
+    """
+
+    def __init__(self) -> None:
+        self._log = structlog.get_logger("corral.access")
+        self._direct: BufferedLogger | None = None
+
+    def request(self, **fields: Any) -> None:
+        direct = self._direct
+        if direct is None:
+            self._log.info("request", **fields)
+            return
+        fields["event"] = "request"
+        fields["level"] = "info"
+        _stamp(None, "", fields)
+        direct.msg(json.dumps(fields))
+
+
+access_log = AccessLog()
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog and the stdlib root logger once for the process."""
     if fmt == "auto":
@@ -86,16 +142,19 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     numeric = logging.getLevelName(level.upper())
+    factory = BufferedLoggerFactory(_buffered_stderr())
+    access_log._direct = factory.logger if fmt == "json" and numeric <= logging.INFO else None
+    # Every processor runs for each access line (one per request): the few that are needed,
+    # in their cheapest form (no context variables are bound anywhere).
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=BufferedLoggerFactory(_buffered_stderr()),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(

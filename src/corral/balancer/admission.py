@@ -13,9 +13,9 @@ import bisect
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Collection
-from contextlib import asynccontextmanager
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from corral.balancer.routing import Router, backend_cap, demand_key
 from corral.config import QueueSettings
@@ -39,12 +39,34 @@ def parse_priority(value: str | None) -> int:
         ) from None
 
 
-@dataclass(slots=True)
 class Lease:
-    """One granted slot: its backend, and how long the backend served (None: it failed)."""
+    """One slot, held for an ``async with`` block (see :meth:`Admission.slot`): acquired on
+    entry and released on exit, here and nowhere else."""
 
-    backend: BackendState
-    served_s: float | None = None
+    __slots__ = ("_admission", "_ask", "backend", "served_s")
+
+    def __init__(self, admission: Admission, ask: tuple[Any, ...]) -> None:
+        self._admission = admission
+        self._ask = ask
+        self.served_s: float | None = None  # how long the backend served; None: it failed
+
+    async def __aenter__(self) -> Lease:
+        model, model_key, route, exclude, rank, enqueued, session, num_ctx = self._ask
+        self.backend: BackendState = await self._admission.acquire(
+            model,
+            model_key,
+            route,
+            exclude,
+            rank=rank,
+            enqueued=enqueued,
+            session=session,
+            num_ctx=num_ctx,
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        model_key, route = self._ask[1], self._ask[2]
+        self._admission.release(self.backend, demand_key(model_key, route), self.served_s)
 
 
 @dataclass(eq=False)
@@ -265,8 +287,7 @@ class Admission:
             self.router.demand.end(backend.id, model_key, held_s)
         self.registry.release(backend)
 
-    @asynccontextmanager
-    async def slot(
+    def slot(
         self,
         model: str,
         model_key: str | None,
@@ -277,25 +298,11 @@ class Admission:
         enqueued: float | None = None,
         session: str | None = None,
         num_ctx: int | None = None,
-    ) -> AsyncIterator[Lease]:
-        """Hold one slot for the block: granted (at once or from the queue) on entry, given
-        back on exit, whatever happens inside. Set ``lease.served_s`` when the backend
-        answered, so that demand learns how long it takes. Raises as :meth:`acquire`."""
-        backend = await self.acquire(
-            model,
-            model_key,
-            route,
-            exclude,
-            rank=rank,
-            enqueued=enqueued,
-            session=session,
-            num_ctx=num_ctx,
-        )
-        lease = Lease(backend)
-        try:
-            yield lease
-        finally:
-            self.release(backend, demand_key(model_key, route), lease.served_s)
+    ) -> Lease:
+        """One slot for an ``async with`` block: granted (at once or from the queue) on entry,
+        given back on exit whatever happens inside. Set ``lease.served_s`` when the backend
+        answered, so that demand learns how long it takes. Entering raises as :meth:`acquire`."""
+        return Lease(self, (model, model_key, route, exclude, rank, enqueued, session, num_ctx))
 
     def _any_free(self) -> bool:
         """Some backend takes requests and has a slot (else dispatching is pointless)."""

@@ -14,8 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import structlog
-
 from corral.asgi import (
     ASGIApp,
     DisconnectWatcher,
@@ -31,6 +29,7 @@ from corral.balancer.admission import parse_priority
 from corral.balancer.sessions import session_key
 from corral.errors import RequestError, RoutingError, UpstreamStatusError
 from corral.fleet.backends import BackendRegistry, normalize_model
+from corral.logs import access_log
 from corral.metrics import Metrics
 from corral.proxy.fanout import FanOut
 from corral.proxy.forward import Forwarder
@@ -38,7 +37,6 @@ from corral.proxy.listing import Listing
 from corral.proxy.relay import TEXT, Reply, method_not_allowed, not_found, send_bytes
 from corral.proxy.request import Result, Route, RoutedRequest
 
-log = structlog.get_logger("corral.access")
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ROUTED: dict[str, Route] = {
@@ -252,8 +250,7 @@ class OllamaFront:
             fields["error"] = result.error
         if request.client is not None:
             fields["client"] = request.client.name  # the key's name; keys are never logged
-        log.info(
-            "request",
+        access_log.request(
             request_id=request.request_id,
             route=route,
             model=request.model,

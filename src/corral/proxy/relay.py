@@ -39,7 +39,6 @@ _RESPONSE_SKIP = frozenset(
         b"upgrade",
         b"date",
         b"server",
-        b"content-length",
     }
 )
 _EVAL_COUNT = re.compile(rb'"(?:eval_count|completion_tokens)":\s*(\d+)')
