@@ -1,5 +1,5 @@
 """bench/balance.py's arithmetic and tables: one configuration's outcome, the verdicts, the rich
-table and the markdown. Pure functions, no I/O but printing, so tests/unit can check them."""
+table and the markdown. Pure functions, no I/O but printing, so tests/bench can check them."""
 
 from __future__ import annotations
 

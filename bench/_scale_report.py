@@ -1,5 +1,5 @@
 """The scale benchmark's arithmetic and tables: the hold window, line delays, the loop probe,
-the goals and their verdicts. Pure functions, so tests/unit/test_bench_scale.py can check them."""
+the goals and their verdicts. Pure functions, so tests/bench/test_bench_scale.py can check them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Statistics for the benchmark: percentiles, latency summaries, rates, medians of rounds.
 
-Pure functions, no I/O, so tests/unit/test_bench_smoke.py can check them.
+Pure functions, no I/O, so tests/bench/test_bench_smoke.py can check them.
 """
 
 from __future__ import annotations

@@ -74,8 +74,8 @@ from _procs import (  # noqa: E402
 
 PY = sys.executable
 GENERATE_BODY = '{"model":"llama3.2","prompt":"hi","stream":false}'
-DEFAULT_TARGETS = "direct,nginx,corral,httpx"
-KNOWN_TARGETS = ("direct", "nginx", "corral", "corral-quiet", "httpx")
+DEFAULT_TARGETS = "direct,nginx,corral,corral-aiohttp,httpx"
+KNOWN_TARGETS = ("direct", "nginx", "corral", "corral-quiet", "corral-aiohttp", "httpx")
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ class Bench:
         self._ready(proc, url, "nginx")
         self.targets.append(Target("nginx", [url], proc, "1 worker process, keepalive 64"))
 
-    def start_corral(self, name: str, log_level: str | None) -> None:
+    def start_corral(self, name: str, log_level: str | None, *, aiohttp: bool = False) -> None:
         port = free_port()
         backends = "\n".join(
             f'[[backends]]\nid = "b{i}"\nurl = "{u}"\nmax_concurrent = {self.args.max_concurrent}\n'
@@ -241,7 +241,11 @@ class Bench:
         argv = [str(exe)] if exe.exists() else [PY, "-m", "corral"]
         # No CORRAL_* from the caller's environment: the config file is the whole truth.
         env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-        proc = self.spawn(name, [*argv, "serve", "--config", str(conf)], env)
+        if aiohttp:  # the same, over the aiohttp transport (bench/_corral_aiohttp.py)
+            argv = [PY, str(BENCH / "_corral_aiohttp.py"), "--config", str(conf)]
+        else:
+            argv = [*argv, "serve", "--config", str(conf)]
+        proc = self.spawn(name, argv, env)
         url = f"http://127.0.0.1:{port}"
 
         def all_healthy() -> bool:
@@ -255,6 +259,8 @@ class Bench:
         self._ready(proc, url, name)
         what = f"log_level {log_level}" if log_level else "access log on (info)"
         note = f"default config, {what}, max_concurrent {self.args.max_concurrent}"
+        if aiohttp:
+            note += ", aiohttp upstream client"
         self.targets.append(Target(name, [url], proc, note))
 
     def start_httpx(self) -> None:
@@ -452,6 +458,8 @@ def run(args: argparse.Namespace, bench: Bench, wanted: list[str]) -> list[Targe
         bench.start_corral("corral", None)
     if "corral-quiet" in wanted:
         bench.start_corral("corral-quiet", "warning")
+    if "corral-aiohttp" in wanted:
+        bench.start_corral("corral-aiohttp", None, aiohttp=True)
     if "httpx" in wanted:
         bench.start_httpx()
     targets = bench.targets

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Test dependencies pip cannot install, from Debian's packages:
 # - systemd, for systemd-analyze, which verifies deploy/systemd/*.service
-#   (tests/unit/test_systemd_units.py);
+#   (tests/deploy/test_systemd_units.py);
 # - chromium (and a font for readable screenshots), the headless browser that renders the
 #   status page at /ui (tests/integration/test_ui.py).
 # Installs only what is missing, and only when we are root with apt-get; otherwise does nothing

@@ -146,3 +146,25 @@ def test_conversation_stays_on_its_backend_across_turns(
         )
         again = served_by(client, {"model": "llama3.2", "prompt": "b"}, 5, **{"X-Session-ID": "s1"})
         assert again == Counter({next(iter(tagged)): 5})
+
+
+def test_users_opening_with_the_same_words_are_not_one_conversation(
+    sim_factory: Any, corral_factory: Any
+) -> None:
+    """Many users who send the same first message are spread like any requests (nothing is
+    cached for them yet); each one's second turn then goes where its first was answered."""
+    sims, corral = three(sim_factory, corral_factory)
+    with corral.client() as client:
+        warm(client, "llama3.2", *sims)
+        opening = [{"role": "user", "content": "hello, who are you?"}]
+        first = served_by(client, {"model": "llama3.2", "messages": opening}, 6)
+        assert len(first) == 3, first  # round robin over all three, not piled on one
+        home = next(iter(served_by(client, {"model": "llama3.2", "messages": opening})))
+        follow_up = [
+            *opening,
+            {"role": "assistant", "content": "an assistant"},
+            {"role": "user", "content": "and what can you do?"},
+        ]
+        assert served_by(client, {"model": "llama3.2", "messages": follow_up}, 3) == Counter(
+            {home: 3}
+        )

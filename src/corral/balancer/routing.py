@@ -179,9 +179,15 @@ class Router:
         prefill_s = min(tokens / self.demand.prefill_tps(b.id) for b in others)
         return self.costs.holder_wait_s([home], model_key, now) < prefill_s
 
-    def note_context(self, session: str, tokens: int) -> None:
-        """A conversation's answer left ``tokens`` (prompt and answer) in its backend's cache."""
-        self._sessions.note_tokens(session, tokens)
+    def note_context(self, session: str, tokens: int, backend_id: str | None = None) -> None:
+        """A conversation's answer left ``tokens`` (prompt and answer, 0: unknown) in the
+        cache of ``backend_id`` (None: the backend it was placed on): its next turn goes there."""
+        if not self.settings.session_affinity:
+            return
+        if backend_id is not None and self._sessions.get(session) != backend_id:
+            self._sessions.put(session, backend_id)
+        if tokens:
+            self._sessions.note_tokens(session, tokens)
 
     def pick(
         self,

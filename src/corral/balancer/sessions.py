@@ -1,7 +1,8 @@
 """Conversation affinity: requests of one chat go to the backend that holds its prompt cache.
 
 A conversation is named by the client's ``X-Session-ID`` header, else by a hash of its system
-prompt(s) and first user turn, which every later turn of the chat repeats. Ollama keeps the
+prompt(s) and first user turn, which every later turn of the chat repeats. Only later turns
+follow their conversation's backend (see :func:`continues`). Ollama keeps the
 processed prompt of each parallel slot, so the next turn sent to the same backend skips
 re-reading the whole history.
 """
@@ -47,6 +48,18 @@ def session_key(header: str | None, route: str, data: dict[str, Any]) -> str | N
     if not user_seen:
         return None
     return "c:" + digest.hexdigest()
+
+
+def continues(data: dict[str, Any]) -> bool:
+    """The chat already has an answer in it (a later turn): its backend holds its context.
+
+    A first turn has nothing cached anywhere to follow: many users who open with the same
+    words share its key but are not one conversation, and are placed as any request is. Its
+    backend is remembered once it answered, for the turns that follow."""
+    messages = data.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and m.get("role") == "assistant" for m in messages
+    )
 
 
 class SessionMap:

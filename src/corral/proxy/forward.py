@@ -213,9 +213,11 @@ class Forwarder:
             return
         backend.ttft.observe(first_s)
         stats = result.stats
+        prompt = stats.get("prompt_eval_count", stats.get("prompt_tokens", 0))
+        if request.conversation is not None:
+            self.router.note_context(request.conversation, prompt + result.tokens, backend.id)
         if not stats:
             return
-        prompt = stats.get("prompt_eval_count", stats.get("prompt_tokens", 0))
         cached = stats.get("prompt_eval_cached_count", stats.get("cached_tokens", 0))
         metrics = self.metrics
         if prompt:
@@ -230,8 +232,6 @@ class Forwarder:
             size = self.router.model_size(key)
             if size:
                 self.demand.observe_load(backend.id, size, load_ns / 1e9)
-        if request.session is not None:
-            self.router.note_context(request.session, prompt + result.tokens)
 
 
 __all__ = ["Forwarder", "RoutingError"]

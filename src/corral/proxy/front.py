@@ -26,7 +26,7 @@ from corral.asgi import (
 )
 from corral.auth import ClientAuth, presented_key
 from corral.balancer.admission import parse_priority
-from corral.balancer.sessions import session_key
+from corral.balancer.sessions import continues, session_key
 from corral.errors import RequestError, RoutingError, UpstreamStatusError
 from corral.fleet.backends import BackendRegistry, normalize_model
 from corral.logs import access_log
@@ -193,6 +193,7 @@ class OllamaFront:
         if isinstance(num_ctx, bool) or not isinstance(num_ctx, int) or num_ctx <= 0:
             num_ctx = None  # absent or invalid: Ollama's default (it answers a bad one itself)
         stream = data.get("stream")
+        conversation = session_key(header(scope, b"x-session-id"), route.name, data)
         return RoutedRequest(
             route=route,
             method="POST",
@@ -205,7 +206,10 @@ class OllamaFront:
             started=started,
             stream=stream if isinstance(stream, bool) else not route.openai,
             rank=self._rank(scope),
-            session=session_key(header(scope, b"x-session-id"), route.name, data),
+            session=conversation
+            if conversation is not None and (conversation[0] == "h" or continues(data))
+            else None,
+            conversation=conversation,
             num_ctx=num_ctx,
             client=scope.get("corral.client"),
         )

@@ -33,7 +33,8 @@ class RoutedRequest:
     started: float  # perf_counter at the door
     stream: bool = True
     rank: int = 1  # priority class
-    session: str | None = None  # conversation key (session affinity)
+    session: str | None = None  # the conversation it continues (session affinity)
+    conversation: str | None = None  # the conversation it belongs to, remembered once served
     num_ctx: int | None = None
     client: ClientKey | None = None
 

@@ -455,3 +455,10 @@ def test_score_ties_are_broken_at_random() -> None:
         create_strategy("score", rng=random.Random(9)), [Candidate(x) for x in "ab"], 200
     )
     assert 60 < counts["a"] < 140
+
+
+def test_the_configuration_knows_every_registered_strategy() -> None:
+    """`balancer.strategy` accepts exactly the strategies corral has (and lists them when not)."""
+    from corral.config import STRATEGY_NAMES
+
+    assert tuple(strategy_names()) == STRATEGY_NAMES

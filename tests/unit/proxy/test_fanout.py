@@ -1,0 +1,201 @@
+"""Fan-out model management over a scripted FakeTransport: each backend's answer merged into
+one, failures reported per backend (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from corral.errors import UpstreamConnectError
+from corral.fleet.gpu.sampler import NullSampler
+from corral.proxy.fanout import FanOut
+from corral.runtime import Runtime
+from corral.upstream import Upstream
+from tests.helpers import Answer, FakeTransport, RecordingSend, base_url, offline_settings
+
+A, B = base_url("a"), base_url("b")
+EMPTY_OK = Answer(200, [], content_type=None)
+
+
+@dataclass
+class Fleet:
+    rt: Runtime
+    fake: FakeTransport
+    fanout: FanOut
+
+    async def call(self, method: str, path: str, body: dict[str, Any]) -> RecordingSend:
+        """One management request, as the front door hands it over."""
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 50000),
+        }
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await never.wait()  # the client stays until the answer is complete
+            return {"type": "http.disconnect"}
+
+        async def read_body() -> bytes:
+            return json.dumps(body).encode()
+
+        send = RecordingSend()
+        await self.fanout.handle(
+            scope,
+            receive,
+            send,
+            request_id="rid-9",
+            headers=[(b"content-type", b"application/json"), (b"x-request-id", b"rid-9")],
+            read_body=read_body,
+        )
+        assert self.fake.pool_stats() == (0, 0)
+        return send
+
+    def probes(self, base: str) -> int:
+        """How many times the backend's model list was read."""
+        return sum(r.url == f"{base}/api/tags" for r in self.fake.requests)
+
+
+@pytest.fixture
+async def fleet() -> Fleet:
+    fake = FakeTransport().ollama(A, "m", "x").ollama(B, "m", "x")
+    settings = offline_settings("a", "b")
+    rt = Runtime(
+        settings, upstream=Upstream(settings.timeouts, transport=fake), gpu_sampler=NullSampler()
+    )
+    await rt.health.probe_all()
+    fanout = FanOut(rt.registry, rt.upstream, rt.health, admin_key=None, open_to_clients=False)
+    return Fleet(rt, fake, fanout)
+
+
+async def test_delete_reports_the_backend_that_did_not_have_the_model(fleet: Fleet) -> None:
+    """Delete on two backends, one says not found: 404 naming it, the other's success kept."""
+    fleet.fake.script(f"{A}/api/delete", Answer.json({"error": "model 'x' not found"}, 404))
+    fleet.fake.script(f"{B}/api/delete", EMPTY_OK)
+    send = await fleet.call("DELETE", "/api/delete", {"model": "x"})
+    assert send.status == 404
+    assert json.loads(send.body) == {
+        "error": "delete failed on 1 of 2 backends: a: model 'x' not found",
+        "failed": ["a"],
+        "backends": {"a": {"error": "model 'x' not found"}, "b": {"status": "success"}},
+    }
+    assert send.header("x-corral-backend") == "a,b"
+    sent = fleet.fake.sent("/api/delete")
+    assert sorted(r.url for r in sent) == [f"{A}/api/delete", f"{B}/api/delete"]
+    assert all(r.method == "DELETE" and r.json() == {"model": "x"} for r in sent)
+    # Only the backend whose model list changed is read again at once.
+    assert (fleet.probes(A), fleet.probes(B)) == (1, 2)
+
+
+async def test_delete_everywhere_is_an_empty_200(fleet: Fleet) -> None:
+    """Delete that every backend accepts answers 200 with an empty body, as Ollama does."""
+    fleet.fake.script(f"{A}/api/delete", EMPTY_OK)
+    fleet.fake.script(f"{B}/api/delete", EMPTY_OK)
+    send = await fleet.call("DELETE", "/api/delete", {"model": "x"})
+    assert (send.status, send.body) == (200, b"")
+
+
+async def test_delete_not_found_anywhere_keeps_ollamas_404(fleet: Fleet) -> None:
+    """When every backend says not found, the client gets that one message with 404."""
+    for base in (A, B):
+        fleet.fake.script(f"{base}/api/delete", Answer.json({"error": "model 'x' not found"}, 404))
+    send = await fleet.call("DELETE", "/api/delete", {"model": "x"})
+    assert send.status == 404
+    assert json.loads(send.body)["error"] == "model 'x' not found"
+
+
+async def test_pull_stream_merges_every_backends_progress(fleet: Fleet) -> None:
+    """A streamed pull: each backend's lines tagged with its id, its own finish line, then one
+    overall success."""
+    fleet.fake.script(
+        f"{A}/api/pull",
+        Answer.ndjson(
+            {"status": "pulling manifest"},
+            {"status": "downloading", "completed": 1, "total": 2},
+            {"status": "success"},
+        ),
+    )
+    fleet.fake.script(
+        f"{B}/api/pull", Answer.ndjson({"status": "pulling manifest"}, {"status": "success"})
+    )
+    send = await fleet.call("POST", "/api/pull", {"model": "x"})
+    assert send.status == 200
+    assert send.header("content-type") == "application/x-ndjson"
+    assert send.finished
+    lines = send.lines()
+    assert [ln for ln in lines if ln.get("backend") == "a"] == [
+        {"backend": "a", "status": "pulling manifest"},
+        {"backend": "a", "status": "downloading", "completed": 1, "total": 2},
+        {"backend": "a", "status": "success"},
+    ]
+    assert [ln for ln in lines if ln.get("backend") == "b"] == [
+        {"backend": "b", "status": "pulling manifest"},
+        {"backend": "b", "status": "success"},
+    ]
+    assert lines[-1] == {"status": "success"}
+    # The backends are always asked for a stream, and read their model lists again after.
+    assert all(r.json() == {"model": "x", "stream": True} for r in fleet.fake.sent("/api/pull"))
+    assert (fleet.probes(A), fleet.probes(B)) == (2, 2)
+
+
+async def test_pull_without_stream_answers_one_object(fleet: Fleet) -> None:
+    """``stream: false``: the backends still stream, the client gets one summary object."""
+    for base in (A, B):
+        fleet.fake.script(f"{base}/api/pull", Answer.ndjson({"status": "success"}))
+    send = await fleet.call("POST", "/api/pull", {"model": "x", "stream": False})
+    assert send.status == 200
+    assert json.loads(send.body) == {
+        "status": "success",
+        "backends": {"a": {"status": "success"}, "b": {"status": "success"}},
+    }
+    assert all(r.json()["stream"] is True for r in fleet.fake.sent("/api/pull"))
+
+
+async def test_unreachable_backend_is_reported_per_backend(fleet: Fleet) -> None:
+    """A backend that cannot be reached is named with its error; the other still pulls."""
+    fleet.fake.script(f"{A}/api/pull", UpstreamConnectError("connection refused"))
+    fleet.fake.script(f"{B}/api/pull", Answer.ndjson({"status": "success"}))
+    send = await fleet.call("POST", "/api/pull", {"model": "x", "stream": False})
+    assert send.status == 502
+    assert json.loads(send.body) == {
+        "error": "pull failed on 1 of 2 backends: a: backend unreachable: connection refused",
+        "failed": ["a"],
+        "backends": {
+            "a": {"error": "backend unreachable: connection refused"},
+            "b": {"status": "success"},
+        },
+    }
+
+
+async def test_unreachable_backend_in_a_stream_gets_its_error_line(fleet: Fleet) -> None:
+    """Streamed: the unreachable backend's error line, the other's success, then the failure."""
+    fleet.fake.script(f"{A}/api/pull", UpstreamConnectError("connection refused"))
+    fleet.fake.script(f"{B}/api/pull", Answer.ndjson({"status": "success"}))
+    send = await fleet.call("POST", "/api/pull", {"model": "x"})
+    assert send.status == 200
+    lines = send.lines()
+    assert {"backend": "a", "error": "backend unreachable: connection refused"} in lines
+    assert {"backend": "b", "status": "success"} in lines
+    assert lines[-1] == {
+        "error": "pull failed on 1 of 2 backends: a: backend unreachable: connection refused",
+        "failed": ["a"],
+    }
+
+
+async def test_delete_on_an_unreachable_backend_is_reported(fleet: Fleet) -> None:
+    """Delete where one backend cannot be reached: 502 naming it, the other's success kept."""
+    fleet.fake.script(f"{A}/api/delete", UpstreamConnectError("connection refused"))
+    fleet.fake.script(f"{B}/api/delete", EMPTY_OK)
+    send = await fleet.call("DELETE", "/api/delete", {"model": "x"})
+    assert send.status == 502
+    body = json.loads(send.body)
+    assert body["failed"] == ["a"]
+    assert body["backends"]["a"] == {"error": "backend unreachable: connection refused"}
+    assert body["backends"]["b"] == {"status": "success"}
