@@ -17,6 +17,7 @@ from corral.fleet.gpu import GpuSampler
 from corral.proxy.fanout import FanOut
 from corral.proxy.front import OllamaFront
 from corral.proxy.listing import Listing
+from corral.proxy.relay import METHOD_NOT_ALLOWED, NOT_FOUND
 from corral.runtime import Runtime
 from corral.upstream import Upstream
 
@@ -46,9 +47,9 @@ def _build_fastapi(runtime: Runtime, *, admin: bool = True) -> FastAPI:
         # Outside the admin API, unknown paths look exactly like Ollama's.
         if not request.url.path.startswith("/api/v1/loadbalancer"):
             if exc.status_code == 404:
-                return PlainTextResponse("404 page not found", 404)
+                return PlainTextResponse(NOT_FOUND, 404)
             if exc.status_code == 405:
-                return PlainTextResponse("405 method not allowed", 405)
+                return PlainTextResponse(METHOD_NOT_ALLOWED, 405)
         return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
     return api

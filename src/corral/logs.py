@@ -118,7 +118,8 @@ class AccessLog:
         self._log = structlog.get_logger("corral.access")
         self._direct: BufferedLogger | None = None
 
-    def request(self, **fields: Any) -> None:
+    def request(self, fields: dict[str, Any]) -> None:
+        """Write the access line of one request (``fields`` becomes the line: not reused)."""
         direct = self._direct
         if direct is None:
             self._log.info("request", **fields)

@@ -33,6 +33,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._requests: dict[tuple[str | None, str, str, int], tuple[Any, ...]] = {}
         r = self.registry
         self.requests = Counter(
             "corral_requests",
@@ -188,6 +189,40 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    def observe_request(
+        self,
+        backend: str | None,
+        route: str,
+        model: str,
+        status: int,
+        duration_s: float,
+        ttft_s: float | None,
+        tokens: int,
+    ) -> None:
+        """One routed request's series (``model`` already bounded: a known name or "other")."""
+        key = (backend, route, model, status)
+        series = self._requests.get(key)
+        if series is None:
+            if backend is None:  # no backend was chosen: only the count has a series
+                series = (self.requests.labels("none", route, model, str(status)),)
+            else:
+                series = (
+                    self.requests.labels(backend, route, model, str(status)),
+                    self.request_duration.labels(backend, route),
+                    self.ttft.labels(backend, route),
+                    self.tokens.labels(backend, model),
+                )
+            self._requests[key] = series
+        series[0].inc()
+        if backend is None:
+            return
+        _, duration, ttft, generated = series
+        duration.observe(duration_s)
+        if ttft_s is not None:
+            ttft.observe(ttft_s)
+        if tokens:
+            generated.inc(tokens)
+
     def set_strategy(self, name: str) -> None:
         self.strategy_info.clear()
         self.strategy_info.labels(strategy=name).set(1)
@@ -195,6 +230,7 @@ class Metrics:
     def forget_backend(self, backend_id: str) -> None:
         """Drop per-backend gauge series of a removed backend."""
         self._children.clear()
+        self._requests.clear()
         with contextlib.suppress(KeyError):
             self.backend_up.remove(backend_id)
 

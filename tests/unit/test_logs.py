@@ -40,7 +40,7 @@ def test_the_direct_access_line_is_the_line_structlog_writes() -> None:
     direct = Lines()
     access = AccessLog()
     access._direct = direct  # type: ignore[assignment]
-    access.request(**FIELDS)
+    access.request(dict(FIELDS))
     chain = [structlog.processors.add_log_level, _stamp, structlog.processors.JSONRenderer()]
     event: Any = {**FIELDS, "event": "request"}
     for processor in chain:

@@ -87,7 +87,11 @@ class Router:
         """
         now = self._clock()
         backends = self.registry.all()
-        up = [b for b in backends if b.available(now) and b.id not in exclude]
+        up = [
+            b
+            for b in backends
+            if b.healthy and not b.draining and b.ejected_until <= now and b.id not in exclude
+        ]  # BackendState.available, inlined: this runs for every request
         if model_key is None:
             if not up:
                 raise NoBackendError("no healthy backend available")
@@ -124,9 +128,12 @@ class Router:
         """Ollama runs OLLAMA_NUM_PARALLEL (``max_concurrent``) requests per loaded model: a
         slot is free for ``model_key`` while its requests there are fewer (requests not
         counted for a model, such as ``/api/show``, count against every model)."""
-        if b.in_flight >= backend_cap(b):
+        in_flight = b.in_flight
+        if not in_flight:
+            return True
+        if in_flight >= backend_cap(b):
             return False
-        uncounted = max(0, b.in_flight - self.demand.counted(b.id))
+        uncounted = max(0, in_flight - self.demand.counted(b.id))
         mine = self.demand.in_flight(b.id, model_key) if model_key is not None else 0
         return mine + uncounted < b.max_concurrent
 
@@ -266,8 +273,11 @@ class Router:
                 continue
             # A copy still loading serves nothing until its load ends: a loaded holder with a
             # slot goes first, and a loading one only if it is ready before a loaded one frees.
-            left = {b.id: self.costs.load_left_s(b, model_key, now) for b in open_}
-            ready = [b for b in open_ if left[b.id] <= 0]
+            if not any(model_key in b.loading for b in open_):
+                ready = open_  # every open holder has it loaded (the common case)
+            else:
+                left = {b.id: self.costs.load_left_s(b, model_key, now) for b in open_}
+                ready = [b for b in open_ if left[b.id] <= 0]
             if not ready:
                 loaded = [b for b in tier if self.costs.load_left_s(b, model_key, now) <= 0]
                 soonest = min(left.values())

@@ -232,37 +232,37 @@ class OllamaFront:
     def _record(self, request: RoutedRequest, result: Result) -> None:
         """Metrics and the access log of one routed request."""
         duration = time.perf_counter() - request.started
-        m = self.metrics
         route = request.route.name
-        backend = result.backend or "none"
         # Only models some backend reports become label values (bounded cardinality).
         known = request.model_key in self.registry.known_models
         label_model = request.model if known else "other"
-        m.child(m.requests, backend, route, label_model, str(result.status)).inc()
-        fields: dict[str, object] = {}
-        if result.backend is not None:
-            m.child(m.request_duration, backend, route).observe(duration)
-            if result.ttft_s is not None:
-                m.child(m.ttft, backend, route).observe(result.ttft_s)
-                fields["ttft_s"] = result.ttft_s
-                fields["tokens"] = result.tokens
-            if result.tokens:
-                m.child(m.tokens, backend, label_model).inc(result.tokens)
+        self.metrics.observe_request(
+            result.backend,
+            route,
+            label_model,
+            result.status,
+            duration,
+            result.ttft_s,
+            result.tokens,
+        )
+        fields: dict[str, object] = {
+            "request_id": request.request_id,
+            "route": route,
+            "model": request.model,
+            "backend": result.backend,
+            "status": result.status,
+            "duration_s": round(duration, 6),
+        }
+        if result.backend is not None and result.ttft_s is not None:
+            fields["ttft_s"] = result.ttft_s
+            fields["tokens"] = result.tokens
         if result.attempts:
             fields["attempts"] = result.attempts
         if result.error is not None:
             fields["error"] = result.error
         if request.client is not None:
             fields["client"] = request.client.name  # the key's name; keys are never logged
-        access_log.request(
-            request_id=request.request_id,
-            route=route,
-            model=request.model,
-            backend=result.backend,
-            status=result.status,
-            duration_s=round(duration, 6),
-            **fields,
-        )
+        access_log.request(fields)
 
     def _rank(self, scope: Scope) -> int:
         """The priority class: X-Priority, else the client key's default, else normal."""

@@ -41,12 +41,13 @@ _RESPONSE_SKIP = frozenset(
         b"server",
     }
 )
-_EVAL_COUNT = re.compile(rb'"(?:eval_count|completion_tokens)":\s*(\d+)')
-# Ollama's final-chunk metrics (OpenAI usage) that tell corral how the backend served.
+# Ollama's final-chunk counters (OpenAI's usage): the tokens generated, and how the backend
+# served (prompt tokens, cache hits, load and prefill times). One pass over the tail.
 _FINAL_STATS = re.compile(
-    rb'"(load_duration|prompt_eval_count|prompt_eval_cached_count|prompt_eval_duration'
-    rb'|prompt_tokens|cached_tokens)":\s*(\d+)'
+    rb'"(eval_count|completion_tokens|load_duration|prompt_eval_count|prompt_eval_cached_count'
+    rb'|prompt_eval_duration|prompt_tokens|cached_tokens)":\s*(\d+)'
 )
+_GENERATED = frozenset({"eval_count", "completion_tokens"})
 BUSY = b"server busy"  # Ollama's 503 body when its own queue is full
 # Longer than any line Ollama streams: relayed as it comes rather than held in memory.
 _MAX_HELD = 65536
@@ -82,12 +83,18 @@ def sse_error(message: str) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+# Ollama's own words for an unknown path or a wrong method (Go's net/http mux), also used by
+# the FastAPI fallback for paths outside the admin API.
+NOT_FOUND = "404 page not found"
+METHOD_NOT_ALLOWED = "405 method not allowed"
+
+
 async def not_found(send: Send) -> None:
-    await send_bytes(send, 404, b"404 page not found", [TEXT])
+    await send_bytes(send, 404, NOT_FOUND.encode(), [TEXT])
 
 
 async def method_not_allowed(send: Send) -> None:
-    await send_bytes(send, 405, b"405 method not allowed", [TEXT])
+    await send_bytes(send, 405, METHOD_NOT_ALLOWED.encode(), [TEXT])
 
 
 class Reply:
@@ -189,11 +196,13 @@ class Reply:
             return first_at
         result.status = status
         if status == 200:
-            counts = _EVAL_COUNT.findall(tail)
-            if counts:
-                result.tokens = int(counts[-1])
+            stats = result.stats
             for key, value in _FINAL_STATS.findall(tail):
-                result.stats[key.decode()] = int(value)
+                name = key.decode()
+                if name in _GENERATED:
+                    result.tokens = int(value)  # the last one counts
+                else:
+                    stats[name] = int(value)
         elif status == 503 and BUSY in tail:
             result.busy = True
         return first_at

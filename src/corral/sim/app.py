@@ -9,18 +9,12 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
+from corral.asgi import Receive, Scope, Send
 from corral.sim import control, manage, native, v1
 from corral.sim.config import SimConfig
 from corral.sim.core import Sim
 from corral.sim.stats import RequestRecord
-from corral.sim.wire import (
-    ClientGone,
-    Exchange,
-    HTTPError,
-    Receive,
-    Scope,
-    Send,
-)
+from corral.sim.wire import ClientGone, Exchange, HTTPError
 
 Handler = Callable[[Sim, Exchange], Awaitable[None]]
 

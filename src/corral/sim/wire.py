@@ -8,16 +8,11 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime
 from typing import Any
 
+from corral.asgi import Receive, Scope, Send, disconnected
 from corral.sim.stats import RequestRecord
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 JSON_TYPE = b"application/json; charset=utf-8"
 TEXT_TYPE = b"text/plain; charset=utf-8"
@@ -292,8 +287,7 @@ class Exchange:
         self._watcher = asyncio.get_running_loop().create_task(self._watch(task))
 
     async def _watch(self, task: asyncio.Task[Any]) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
+        await disconnected(self.receive)
         if not self.finished:
             self.disconnected = True
             task.cancel()
