@@ -186,12 +186,7 @@ class Http1Response:
         self._closed = True
         self._chunks.clear()
         self._buffered = 0
-        conn = self._conn
-        if conn is not None:
-            self._conn = None
-            conn.resp = None
-            conn.close()
-        self._wake()
+        self._drop()
 
     # -- internals --
 
@@ -234,6 +229,10 @@ class Http1Response:
         """The response cannot complete: record why, close the connection, wake the reader."""
         if self._error is None and not self._complete:
             self._error = exc
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the connection (never to be reused) and wake the reader."""
         conn = self._conn
         if conn is not None:
             self._conn = None

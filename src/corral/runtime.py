@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import structlog
 
@@ -11,7 +10,7 @@ from corral.auth import ClientAuth
 from corral.balancer.admission import Admission
 from corral.balancer.replicas import Replicator
 from corral.balancer.routing import Router
-from corral.config import Settings
+from corral.config import BackendSettings, Settings
 from corral.errors import DuplicateBackendError
 from corral.fleet.backends import BackendRegistry, BackendState
 from corral.fleet.gpu import GpuSampler, NullSampler, open_sampler
@@ -101,18 +100,11 @@ class Runtime:
         for record in self.state.load():
             try:
                 ttl = record.get("ttl_s")
-                backend = BackendState(
-                    id=str(record["id"]),
-                    url=str(record["url"]),
-                    max_concurrent=int(record.get("max_concurrent") or 4),
-                    max_loaded_models=int(record.get("max_loaded_models", 3)),
-                    weight=record.get("weight"),
-                    gpu=record.get("gpu"),
-                    gpu_metrics_url=record.get("gpu_metrics_url"),
-                    fallback=bool(record.get("fallback")),
-                    registered=True,
-                    ttl_s=float(ttl) if ttl else None,
-                    expires_at=time.monotonic() + float(ttl) if ttl else None,
+                cfg = BackendSettings.model_validate(
+                    {k: v for k, v in record.items() if k != "ttl_s"}
+                )
+                backend = BackendState.from_settings(
+                    cfg, registered=True, ttl_s=float(ttl) if ttl else None
                 )
                 self.registry.add(backend)
             except (KeyError, TypeError, ValueError, DuplicateBackendError) as exc:

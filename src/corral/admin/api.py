@@ -194,19 +194,7 @@ async def list_backends(runtime: RuntimeDep) -> dict[str, Any]:
 
 @router.post("/backends", status_code=201)
 async def add_backend(body: BackendBody, runtime: RuntimeDep) -> dict[str, Any]:
-    backend = BackendState(
-        id=body.id,
-        url=body.url,
-        max_concurrent=body.max_concurrent,
-        max_loaded_models=body.max_loaded_models,
-        weight=body.weight,
-        gpu=body.gpu,
-        gpu_metrics_url=body.gpu_metrics_url,
-        fallback=body.fallback,
-        registered=True,
-        ttl_s=body.ttl_s,
-        expires_at=time.monotonic() + body.ttl_s if body.ttl_s else None,
-    )
+    backend = BackendState.from_settings(body, registered=True, ttl_s=body.ttl_s)
     try:
         runtime.registry.add(backend)
     except DuplicateBackendError as exc:

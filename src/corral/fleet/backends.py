@@ -98,7 +98,11 @@ class BackendState:
     probe_history: deque[bool] = field(default_factory=lambda: deque(maxlen=20))
 
     @classmethod
-    def from_settings(cls, cfg: BackendSettings) -> BackendState:
+    def from_settings(
+        cls, cfg: BackendSettings, *, registered: bool = False, ttl_s: float | None = None
+    ) -> BackendState:
+        """A backend from the config, or ``registered`` at runtime (admin API, state file),
+        then kept only while heartbeats come within ``ttl_s`` when one is given."""
         return cls(
             id=cfg.id,
             url=cfg.url,
@@ -108,6 +112,9 @@ class BackendState:
             gpu=cfg.gpu,
             gpu_metrics_url=cfg.gpu_metrics_url,
             fallback=cfg.fallback,
+            registered=registered,
+            ttl_s=ttl_s,
+            expires_at=time.monotonic() + ttl_s if ttl_s else None,
         )
 
     @property

@@ -194,9 +194,27 @@ class OllamaFront:
             num_ctx = None  # absent or invalid: Ollama's default (it answers a bad one itself)
         stream = data.get("stream")
         conversation = session_key(header(scope, b"x-session-id"), route.name, data)
+        request = self._request(scope, route, rid, started, body, model, self._rank(scope))
+        request.stream = stream if isinstance(stream, bool) else not route.openai
+        if conversation is not None and (conversation[0] == "h" or continues(data)):
+            request.session = conversation
+        request.conversation = conversation
+        request.num_ctx = num_ctx
+        return request
+
+    def _request(
+        self,
+        scope: Scope,
+        route: Route,
+        rid: str,
+        started: float,
+        body: bytes | None,
+        model: str,
+        rank: int,
+    ) -> RoutedRequest:
         return RoutedRequest(
             route=route,
-            method="POST",
+            method=scope["method"],
             path=scope["path"],
             body=body,
             model=model,
@@ -204,13 +222,7 @@ class OllamaFront:
             request_id=rid,
             headers=self._forward_headers(scope, rid),
             started=started,
-            stream=stream if isinstance(stream, bool) else not route.openai,
-            rank=self._rank(scope),
-            session=conversation
-            if conversation is not None and (conversation[0] == "h" or continues(data))
-            else None,
-            conversation=conversation,
-            num_ctx=num_ctx,
+            rank=rank,
             client=scope.get("corral.client"),
         )
 
@@ -289,20 +301,8 @@ class OllamaFront:
         except RequestError as exc:
             await reply.error(exc.status, str(exc))
             return
-        request = RoutedRequest(
-            route=_RETRIEVE,
-            method="GET",
-            path=scope["path"],
-            body=None,
-            model=model,
-            model_key=normalize_model(model),
-            request_id=rid,
-            headers=self._forward_headers(scope, rid),
-            started=time.perf_counter(),
-            stream=False,
-            rank=rank,
-            client=scope.get("corral.client"),
-        )
+        request = self._request(scope, _RETRIEVE, rid, time.perf_counter(), None, model, rank)
+        request.stream = False
         await self._serve(request, receive, reply)
 
     # Aggregated, version, root, management -------------------------------------------------------
