@@ -4,7 +4,8 @@ corral sends every proxied request to a backend over HTTP/1.1. aiohttp's client 
 microseconds of CPU per request (request and response objects, multidict headers, timers, a
 cookie jar); this does the little corral needs with futures and callbacks only:
 
-- one connection pool, keyed by ``(host, port)``, with a LIFO idle list per key: the most
+- ``http://`` and ``https://`` (TLS verified against the system's CAs);
+- one connection pool, keyed by ``(host, port, tls)``, with a LIFO idle list per key: the most
   recently used connection is reused first, and idle ones older than ``keepalive_s`` or closed
   by the server are dropped before use (and by a lazy timer while the pool is quiet);
 - one ``transport.write`` per request when the body is ``bytes`` (request line, headers and
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import AsyncIterable
 from typing import Any, cast
 
@@ -52,7 +54,7 @@ _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _BAD_TARGET = (" ", "\r", "\n", "\t", "\x00")
 
-Key = tuple[str, int]
+Key = tuple[str, int, bool]  # host, port, TLS
 
 
 class ConnectError(UpstreamConnectError):
@@ -444,6 +446,7 @@ class Http1Pool:
         self._idle: dict[Key, list[_Conn]] = {}
         self._conns: set[_Conn] = set()
         self._urls: dict[str, tuple[Key, bytes]] = {}
+        self._ssl: ssl.SSLContext | None = None
         self._methods: dict[str, bytes] = {}
         self._prune_handle: asyncio.TimerHandle | None = None
         self._closed = False
@@ -610,10 +613,15 @@ class Http1Pool:
 
     async def _connect(self, key: Key, loop: asyncio.AbstractEventLoop) -> _Conn:
         conn = _Conn(self, key)
-        host, port = key
+        host, port, tls = key
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                await loop.create_connection(lambda: conn, host, port)
+                if tls:
+                    await loop.create_connection(
+                        lambda: conn, host, port, ssl=self._tls(), server_hostname=host
+                    )
+                else:
+                    await loop.create_connection(lambda: conn, host, port)
         except TimeoutError as exc:
             raise ConnectError(
                 f"connect to {host}:{port} timed out after {self.connect_timeout_s:g}s"
@@ -677,11 +685,21 @@ class Http1Pool:
             self._methods[method] = mb
         return mb
 
+    def _tls(self) -> ssl.SSLContext:
+        """The TLS context for ``https://`` backends: the system's CAs, verified."""
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
     def _parse_url(self, url: str) -> tuple[Key, bytes]:
         """``http://host[:port]/path?query`` → ((host, port), the request line's tail + Host)."""
-        if url[:7].lower() != "http://":
-            raise ValueError(f"only http:// URLs are supported: {url!r}")
-        rest = url[7:]
+        scheme = url[:8].lower()
+        if scheme.startswith("http://"):
+            tls, rest, default_port = False, url[7:], 80
+        elif scheme == "https://":
+            tls, rest, default_port = True, url[8:], 443
+        else:
+            raise ValueError(f"only http:// and https:// URLs are supported: {url!r}")
         cut = len(rest)
         for sep in "/?#":
             i = rest.find(sep)
@@ -711,13 +729,13 @@ class Http1Pool:
                 raise ValueError(f"bad port in {url!r}")
             port = int(port_s)
         else:
-            port = 80
-        if port != 80:
+            port = default_port
+        if port != default_port:
             host_header = f"{host_header}:{port}"
         if any(c in path or c in host_header for c in _BAD_TARGET):
             raise ValueError(f"whitespace or control characters in {url!r}")
         tail = f" {path} HTTP/1.1\r\nHost: {host_header}\r\n".encode("ascii")
-        target = ((host, port), tail)
+        target = ((host, port, tls), tail)
         if len(self._urls) >= _URL_CACHE_MAX:
             self._urls.clear()
         self._urls[url] = target

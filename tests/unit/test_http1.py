@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +22,7 @@ from corral.http1 import (
     Http1Response,
     IdleTimeoutError,
 )
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -522,9 +526,8 @@ async def test_read_all_limit_leaves_the_rest(pool: Http1Pool) -> None:
 
 
 async def test_only_http_urls(pool: Http1Pool) -> None:
-    """https and malformed URLs are refused with ValueError before anything is sent."""
+    """Other schemes and malformed URLs are refused with ValueError before anything is sent."""
     for url in (
-        "https://127.0.0.1/",
         "ftp://x/",
         "http:///nohost",
         "http://h:99999/",
@@ -626,3 +629,47 @@ async def test_header_injection_is_refused(pool: Http1Pool) -> None:
         assert b"evil" not in head
         assert b"99" not in head
         assert b"X-A: 1\r\n" in head
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost`` and its key (skips without openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate to serve TLS with")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=DNS:localhost"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_backend_over_tls(pool: Http1Pool, certificate: tuple[Path, Path]) -> None:
+    """An ``https://`` backend is reached over TLS, its certificate checked against the
+    trusted CAs, and the connection is reused like a plain one."""
+    cert, key = certificate
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    requests: list[tuple[bytes, bytes]] = []
+    server = await asyncio.start_server(echo_server(requests), "127.0.0.1", 0, ssl=served)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"https://localhost:{port}/api/echo"
+        with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await pool.open("POST", url, [], b"x", headers_timeout_s=5, idle_timeout_s=5)
+        pool._ssl = trusting  # as if the certificate's CA were installed on the system
+        for body in (b"one", b"two"):
+            resp = await pool.open("POST", url, [], body, headers_timeout_s=5, idle_timeout_s=5)
+            assert (resp.status, await read_body(resp)) == (200, b"echo:" + body)
+            resp.close()
+        assert pool.connects == 1  # one connection for both (the refused handshake made none)
+        assert requests[0][0].split(b"\r\n")[1] == f"Host: localhost:{port}".encode()
+    finally:
+        server.close()
+        await server.wait_closed()
