@@ -163,7 +163,7 @@ class Metrics:
         )
         self.loop_lag = Histogram(
             "corral_event_loop_lag_seconds",
-            "How late the event loop ran a timer (sampled every 0.1 s): every request waits this.",
+            "How late the event loop ran a timer (sampled every 0.05 s): every request waits this.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
             registry=r,
         )

@@ -163,7 +163,7 @@ class Runtime:
             self.lifecycle.start("replicas", self.replicas.run())
         sd_notify("READY=1")
 
-    async def _watch_loop_lag(self, every_s: float = 0.1) -> None:
+    async def _watch_loop_lag(self, every_s: float = 0.05) -> None:
         """Measure how late the loop wakes a timer: the delay every request shares."""
         loop = asyncio.get_running_loop()
         observe = self.metrics.loop_lag.observe
