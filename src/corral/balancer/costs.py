@@ -195,4 +195,4 @@ def holding(b: BackendState, model: str, num_ctx: int | None) -> str | None:
         ctx = entry.get("context_length")
         if isinstance(ctx, int) and ctx != num_ctx and b.loaded_ctx.get(model) != num_ctx:
             return "other_ctx"
-    return inventory.where(b, model)
+    return inventory.residency(entry.get("size"), entry.get("size_vram"))

@@ -184,15 +184,16 @@ class BackendState:
         )
         total = len(self.outcomes)
         success = 1.0 if total == 0 else 1.0 - self.bad_outcomes / total
+        # Positional: built for every free backend on every pick, and cheaper so.
         return Candidate(
-            id=self.id,
-            weight=weight,
-            in_flight=self.in_flight,
-            max_concurrent=self.max_concurrent,
-            total_requests=self.total_requests,
-            ewma_ttft_s=self.ttft.value,
-            success_rate=success,
-            availability=availability,
+            self.id,
+            weight,
+            self.in_flight,
+            self.max_concurrent,
+            self.total_requests,
+            self.ttft.value,
+            success,
+            availability,
         )
 
 
