@@ -290,3 +290,33 @@ def test_time_queued_in_corral_does_not_count_against_the_backend(
     assert entry["last_response_time"] < 0.35
     assert entry["avg_response_time"] < 0.35
     assert entry["ttft_ewma_s"] < 0.25
+
+
+def test_unknown_model_is_404_at_once_while_others_queue(
+    sim_factory: Any, corral_factory: Any
+) -> None:
+    """With the only slot taken and a request waiting in the queue, a model no backend has is
+    answered Ollama's 404 (OpenAI's on /v1) at once, not after the queue's timeout."""
+    sim = sim_factory(name="a", token_interval_s=0.1, tokens=20)
+    corral = corral_factory(
+        [{"id": "a", "url": sim.url, "max_concurrent": 1}], queue={"timeout_s": 30}
+    )
+
+    def hold() -> None:
+        with corral.client() as client:
+            client.post("/api/generate", json=GEN)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for holder in holders:
+        holder.start()
+    assert poll(lambda: corral.call(lambda: corral.runtime.admission.queued) == 1, 5)
+    with corral.client(timeout=5) as client:  # far below the queue's 30 s
+        native = client.post("/api/generate", json={"model": "no-such-model", "prompt": "x"})
+        assert native.status_code == 404
+        assert native.json() == {"error": "model 'no-such-model' not found"}
+        body = {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
+        openai = client.post("/v1/chat/completions", json=body)
+        assert openai.status_code == 404
+        assert openai.json()["error"]["type"] == "not_found_error"
+    for holder in holders:
+        holder.join(10)

@@ -19,7 +19,7 @@ from typing import Any
 
 from corral.balancer.routing import Router, backend_cap, demand_key
 from corral.config import QueueSettings
-from corral.errors import NoBackendError, RoutingError
+from corral.errors import ModelNotFoundError, NoBackendError, RoutingError
 from corral.fleet.backends import BackendState, Clock
 from corral.metrics import Metrics
 
@@ -159,9 +159,10 @@ class Admission:
             if backend is not None:
                 self._grant(backend, model_key, route)
                 return backend
-        else:
-            # Others wait: check the request is servable at all before queueing it.
-            self.router.eligible(model_key, exclude)
+        elif not self.router.eligible(model_key, exclude):
+            # Others wait, but no backend lists the model: Ollama's 404 now, not after the
+            # queue's timeout (and never a 503 the client would retry).
+            raise ModelNotFoundError(model)
         return await self._wait(model, model_key, route, exclude, rank, enqueued, session, num_ctx)
 
     async def _wait(
