@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 # Request latency spans milliseconds (embeddings) to minutes (long generations, cold loads).
 # The *_created series double every counter's output and no dashboard needs them.
@@ -228,11 +228,13 @@ class Metrics:
         self.strategy_info.labels(strategy=name).set(1)
 
     def forget_backend(self, backend_id: str) -> None:
-        """Drop per-backend gauge series of a removed backend."""
+        """Drop every series of a removed backend (counters too: a backend that comes back
+        under the same id starts from zero, which ``rate()`` reads as a counter reset)."""
         self._children.clear()
         self._requests.clear()
-        with contextlib.suppress(KeyError):
-            self.backend_up.remove(backend_id)
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase) and "backend" in metric._labelnames:
+                metric.remove_by_labels({"backend": backend_id})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -112,6 +112,8 @@ class Admission:
         self._seq = itertools.count()
         self.closed_reason: str | None = None
         self.registry.on_capacity(self.dispatch)
+        for name in PRIORITIES:  # a series per class from the start: 0 until one queues
+            metrics.queue_depth.labels(priority=name)
 
     @property
     def queued(self) -> int:
