@@ -40,8 +40,11 @@ from tests.helpers import CorralThread, make_settings
 pytestmark = pytest.mark.fuzz
 
 NATIVE = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show")
-OPENAI = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-ROUTES = (*NATIVE, *OPENAI)
+OPENAI = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+ANTHROPIC = ("/v1/messages",)
+# Routes whose SSE stream names its events (``event:`` before each ``data:``).
+NAMED_EVENTS = ("/v1/responses", "/v1/messages")
+ROUTES = (*NATIVE, *OPENAI, *ANTHROPIC)
 _MODEL_REQUIRED = {"/api/chat", "/api/show"}  # 400 "model is required", else 404 ''
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # The simulator's models (all-minilm embeds only), and one no backend has.
@@ -253,7 +256,8 @@ def check_shape(reply: Reply, path: str) -> None:
     elif "event-stream" in ctype:
         events = [e for e in reply.body.split(b"\n\n") if e.strip()]
         assert events
-        assert all(e.startswith(b"data: ") for e in events)
+        first = b"event: " if path in NAMED_EVENTS else b"data: "
+        assert all(e.startswith(first) for e in events)
     elif "json" in ctype and reply.body:
         assert isinstance(json.loads(reply.body), dict)
 

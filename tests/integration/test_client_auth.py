@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import ollama
 import openai
@@ -158,3 +159,25 @@ def test_keys_are_never_logged_but_names_are(
     assert poll(logged, 3)  # the access log names the client...
     for key in (ADMIN, TEAM, BATCH, SLOW):
         assert key not in "".join(seen)  # ...and never shows a key
+
+
+def test_anthropic_client_with_and_without_a_key(secured: Any) -> None:
+    """The anthropic package sends its key as X-API-Key: a wrong one is a 401 in Anthropic's
+    error shape (its AuthenticationError), a client key works."""
+    corral, _ = secured
+    body = {"model": "llama3.2", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    wrong = anthropic.Anthropic(base_url=corral.url, api_key="wrong-key-123", max_retries=0)
+    try:
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            wrong.messages.create(**body)
+        assert info.value.body == {
+            "type": "error",
+            "error": {"type": "authentication_error", "message": "invalid API key"},
+        }
+    finally:
+        wrong.close()
+    right = anthropic.Anthropic(base_url=corral.url, api_key=TEAM)
+    try:
+        assert right.messages.create(**body).content
+    finally:
+        right.close()

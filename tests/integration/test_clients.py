@@ -1,9 +1,10 @@
-"""The official ollama and openai Python clients against corral, as users meet it."""
+"""The official ollama, openai and anthropic Python clients against corral, as users meet it."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import anthropic
 import ollama
 import openai
 import pytest
@@ -84,5 +85,60 @@ def test_openai_client(corral: Any) -> None:
             client.chat.completions.create(
                 model="nope", messages=[{"role": "user", "content": "hi"}]
             )
+    finally:
+        client.close()
+
+
+def test_openai_responses(corral: Any) -> None:
+    """The openai package's Responses API (what Codex CLI speaks), streamed and not, through
+    corral; an unknown model raises its NotFoundError."""
+    client = openai.OpenAI(base_url=f"{corral.url}/v1", api_key="unused")
+    try:
+        done = client.responses.create(model="llama3.2", input="Why is the sky blue?")
+        assert done.status == "completed"
+        assert done.output_text
+        assert done.usage is not None
+        assert done.usage.output_tokens == 16
+        events = list(client.responses.create(model="llama3.2", input="hi", stream=True))
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert "".join(deltas) == done.output_text
+        assert events[-1].type == "response.completed"
+        with pytest.raises(openai.NotFoundError):
+            client.responses.create(model="nope", input="hi")
+    finally:
+        client.close()
+
+
+def test_anthropic_messages(corral: Any) -> None:
+    """The anthropic package's Messages API (what Claude Code speaks), streamed and not,
+    through corral; an unknown model raises its NotFoundError from corral's own 404."""
+    client = anthropic.Anthropic(base_url=corral.url, api_key="unused")
+    try:
+        message = client.messages.create(
+            model="llama3.2",
+            max_tokens=64,
+            system="You are terse.",
+            messages=[{"role": "user", "content": "hi"}],
+        )
+        assert message.role == "assistant"
+        assert message.stop_reason == "end_turn"
+        text = "".join(b.text for b in message.content if b.type == "text")
+        assert text
+        assert message.usage.output_tokens == 16
+        with client.messages.stream(
+            model="llama3.2", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            streamed = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        assert streamed == text
+        assert final.stop_reason == "end_turn"
+        with pytest.raises(anthropic.NotFoundError) as info:
+            client.messages.create(
+                model="nope", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+            )
+        assert info.value.body == {
+            "type": "error",
+            "error": {"type": "not_found_error", "message": "model 'nope' not found"},
+        }
     finally:
         client.close()

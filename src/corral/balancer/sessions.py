@@ -19,7 +19,7 @@ from corral.fleet.backends import Clock
 
 MAX_SESSIONS = 10_000
 SESSION_TTL_S = 1800.0
-_CHAT_ROUTES = frozenset({"chat", "v1_chat"})
+_CHAT_ROUTES = frozenset({"chat", "v1_chat", "v1_messages"})
 
 
 def session_key(header: str | None, route: str, data: dict[str, Any]) -> str | None:

@@ -36,6 +36,7 @@ from corral.proxy.forward import Forwarder
 from corral.proxy.listing import Listing
 from corral.proxy.relay import TEXT, Reply, method_not_allowed, not_found, send_bytes
 from corral.proxy.request import Result, Route, RoutedRequest
+from corral.shapes import Shape
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -45,9 +46,11 @@ ROUTED: dict[str, Route] = {
     "/api/embed": Route("embed"),
     "/api/embeddings": Route("embeddings"),
     "/api/show": Route("show", model_required=True),
-    "/v1/chat/completions": Route("v1_chat", openai=True),
-    "/v1/completions": Route("v1_completions", openai=True),
-    "/v1/embeddings": Route("v1_embeddings", openai=True),
+    "/v1/chat/completions": Route("v1_chat", "openai"),
+    "/v1/completions": Route("v1_completions", "openai"),
+    "/v1/embeddings": Route("v1_embeddings", "openai"),
+    "/v1/responses": Route("v1_responses", "openai", events=True),
+    "/v1/messages": Route("v1_messages", "anthropic", events=True),
 }
 AGGREGATED = {"/api/tags": ("GET", "HEAD"), "/api/ps": ("GET",), "/v1/models": ("GET",)}
 MANAGEMENT = {
@@ -57,7 +60,7 @@ MANAGEMENT = {
     "/api/copy": ("POST",),
     "/api/delete": ("DELETE",),
 }
-_RETRIEVE = Route("v1_models_retrieve", openai=True)
+_RETRIEVE = Route("v1_models_retrieve", "openai")
 # Request headers that are not forwarded: they belong to one connection (RFC 9110 §7.6.1),
 # corral sets them itself, or they carry corral's own keys.
 HOP_BY_HOP = frozenset(
@@ -89,6 +92,14 @@ class Entry:
     methods: tuple[str, ...]
     handler: Handler
     keyed: bool = True  # needs a client key when client keys are on
+
+
+def shape_of(path: str) -> Shape:
+    """Whose API a path belongs to, for the shape of corral's own errors on it."""
+    route = ROUTED.get(path)
+    if route is not None:
+        return route.shape
+    return "openai" if path.startswith("/v1/") else "ollama"
 
 
 class OllamaFront:
@@ -155,7 +166,7 @@ class OllamaFront:
         started = time.perf_counter()
         route = ROUTED[scope["path"]]
         rid = request_id(scope)
-        reply = Reply(send, rid, route.openai)
+        reply = Reply(send, rid, route.shape, events=route.events)
         try:
             body = await self._read_body(scope, receive)
             if body is None:
@@ -185,7 +196,7 @@ class OllamaFront:
         if not isinstance(model, str) or not model.strip():
             if model is not None and not isinstance(model, str):
                 raise RequestError("invalid model name")
-            if route.openai or route.model_required:
+            if route.shape != "ollama" or route.model_required:
                 raise RequestError("model is required")
             raise RequestError("model '' not found", 404)
         options = data.get("options")
@@ -195,7 +206,8 @@ class OllamaFront:
         stream = data.get("stream")
         conversation = session_key(header(scope, b"x-session-id"), route.name, data)
         request = self._request(scope, route, rid, started, body, model, self._rank(scope))
-        request.stream = stream if isinstance(stream, bool) else not route.openai
+        # Ollama's native routes stream unless told not to; OpenAI's and Anthropic's do not.
+        request.stream = stream if isinstance(stream, bool) else route.shape == "ollama"
         if conversation is not None and (conversation[0] == "h" or continues(data)):
             request.session = conversation
         request.conversation = conversation
@@ -295,7 +307,7 @@ class OllamaFront:
             await not_found(send)
             return
         rid = request_id(scope)
-        reply = Reply(send, rid, True)
+        reply = Reply(send, rid, "openai")
         try:
             rank = self._rank(scope)
         except RequestError as exc:
@@ -324,7 +336,7 @@ class OllamaFront:
                 return await self._read_body(scope, receive)
             except RequestError as exc:
                 extra = [(b"connection", b"close")] if exc.status == 413 else None
-                await Reply(send, rid, False).error(exc.status, str(exc), extra)
+                await Reply(send, rid, "ollama").error(exc.status, str(exc), extra)
                 return None
 
         await self.fanout.handle(
@@ -340,7 +352,7 @@ class OllamaFront:
 
     async def _admit(self, scope: Scope, send: Send) -> bool:
         """Client keys are on: the request must carry one (or the admin key), within its rate."""
-        reply = Reply(send, request_id(scope), scope["path"].startswith("/v1/"))
+        reply = Reply(send, request_id(scope), shape_of(scope["path"]))
         presented = presented_key(header(scope, b"x-api-key"), header(scope, b"authorization"))
         client = self.clients.identify(presented)
         if client is None:

@@ -45,7 +45,9 @@ class Listing:
         try:
             results = await self._fan_out("/api/tags" if path == "/v1/models" else path)
         except NoBackendError as exc:
-            await Reply(send, request_id, path.startswith("/v1/")).fail(exc)
+            await Reply(send, request_id, "openai" if path.startswith("/v1/") else "ollama").fail(
+                exc
+            )
             return
         if path == "/api/ps":
             payload: dict[str, Any] = {"models": merge_ps(results)}

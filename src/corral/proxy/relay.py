@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any
 
 from corral.asgi import Headers, Send
 from corral.errors import (
@@ -25,6 +24,7 @@ from corral.errors import (
     UpstreamTimeoutError,
 )
 from corral.proxy.request import Result
+from corral.shapes import Shape, error_body, error_payload
 from corral.upstream import Response
 
 JSON = (b"content-type", b"application/json; charset=utf-8")
@@ -43,11 +43,14 @@ _RESPONSE_SKIP = frozenset(
 )
 # Ollama's final-chunk counters (OpenAI's usage): the tokens generated, and how the backend
 # served (prompt tokens, cache hits, load and prefill times). One pass over the tail.
+# Anthropic's and the Responses API's usage say input_tokens / output_tokens.
 _FINAL_STATS = re.compile(
-    rb'"(eval_count|completion_tokens|load_duration|prompt_eval_count|prompt_eval_cached_count'
-    rb'|prompt_eval_duration|prompt_tokens|cached_tokens)":\s*(\d+)'
+    rb'"(eval_count|completion_tokens|output_tokens|load_duration|prompt_eval_count'
+    rb'|prompt_eval_cached_count|prompt_eval_duration|prompt_tokens|input_tokens|cached_tokens)"'
+    rb":\s*(\d+)"
 )
-_GENERATED = frozenset({"eval_count", "completion_tokens"})
+_GENERATED = frozenset({"eval_count", "completion_tokens", "output_tokens"})
+_SAME = {"input_tokens": "prompt_tokens"}
 BUSY = b"server busy"  # Ollama's 503 body when its own queue is full
 # Longer than any line Ollama streams: relayed as it comes rather than held in memory.
 _MAX_HELD = 65536
@@ -62,25 +65,22 @@ async def send_bytes(
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
-def error_body(message: str, *, openai: bool, status: int) -> bytes:
-    """An error in the route's own shape: Ollama's ``{"error"}`` or OpenAI's error object."""
-    if openai:
-        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-        payload: dict[str, Any] = {
-            "error": {"message": message, "type": kind, "param": None, "code": None}
-        }
-    else:
-        payload = {"error": message}
-    return json.dumps(payload, separators=(",", ":")).encode()
-
-
 def ndjson_error(message: str) -> bytes:
     return json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
 
 
-def sse_error(message: str) -> bytes:
-    payload = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+def sse_error(message: str, shape: Shape = "openai", events: bool = False) -> bytes:
+    """The event that ends a broken stream: OpenAI chat's error chunk, or an ``error`` event
+    where the stream names its events (Anthropic's error object; the Responses API's)."""
+    if not events:
+        payload = error_payload(message, shape="openai", status=500)
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    if shape == "anthropic":
+        payload = error_payload(message, shape="anthropic", status=500)
+    else:
+        payload = {"type": "error", "code": "server_error", "message": message, "param": None}
+    data = json.dumps(payload, separators=(",", ":")).encode()
+    return b"event: error\ndata: " + data + b"\n\n"
 
 
 # Ollama's own words for an unknown path or a wrong method (Go's net/http mux), also used by
@@ -101,18 +101,21 @@ class Reply:
     """Writes one routed request's response; :attr:`started` says whether the client has
     seen the status line (after that, errors can only be told in-stream)."""
 
-    __slots__ = ("openai", "request_id", "send", "started")
+    __slots__ = ("events", "request_id", "send", "shape", "started")
 
-    def __init__(self, send: Send, request_id: str, openai: bool) -> None:
+    def __init__(
+        self, send: Send, request_id: str, shape: Shape = "ollama", *, events: bool = False
+    ) -> None:
         self.send = send
         self.request_id = request_id
-        self.openai = openai
+        self.shape: Shape = shape
+        self.events = events
         self.started = False
 
     async def error(self, status: int, message: str, extra: Headers | None = None) -> None:
         """corral's own error, before any byte was sent."""
         headers = [JSON, (b"x-request-id", self.request_id.encode()), *(extra or ())]
-        body = error_body(message, openai=self.openai, status=status)
+        body = error_body(message, shape=self.shape, status=status)
         await send_bytes(self.send, status, body, headers)
 
     async def fail(self, exc: RoutingError) -> None:
@@ -120,7 +123,7 @@ class Reply:
         if isinstance(exc, UpstreamStatusError):
             # The backend's own answer, as it gave it.
             ctype = exc.content_type or "application/json; charset=utf-8"
-            payload = exc.payload or error_body(str(exc), openai=self.openai, status=exc.status)
+            payload = exc.payload or error_body(str(exc), shape=self.shape, status=exc.status)
             headers = [(b"content-type", ctype.encode())]
             if exc.backend_id:
                 headers.append((b"x-corral-backend", exc.backend_id.encode()))
@@ -189,7 +192,7 @@ class Reply:
                 await send({"type": "http.response.body", "body": ndjson_error(error)})
             elif sse:
                 # The blank line first ends an event whose data line went out without its own.
-                body = b"\n" + sse_error(error)
+                body = b"\n" + sse_error(error, self.shape, self.events)
                 await send({"type": "http.response.body", "body": body})
             # A plain body cut short cannot carry an error: returning without finishing the
             # response makes the server close the connection (a truncated body, no traceback).
@@ -202,7 +205,7 @@ class Reply:
                 if name in _GENERATED:
                     result.tokens = int(value)  # the last one counts
                 else:
-                    stats[name] = int(value)
+                    stats[_SAME.get(name, name)] = int(value)
         elif status == 503 and BUSY in tail:
             result.busy = True
         return first_at

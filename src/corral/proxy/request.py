@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from corral.auth import ClientKey
+from corral.shapes import Shape
 from corral.upstream import Headers
 
 
@@ -13,7 +14,8 @@ class Route:
     """A routed endpoint: its metric label and the shape of its errors."""
 
     name: str
-    openai: bool = False
+    shape: Shape = "ollama"  # whose API: the shape of its errors and of its stream's error line
+    events: bool = False  # its SSE stream names its events (Responses, Messages)
     # Ollama answers a missing model with 400 "model is required" here (404 elsewhere).
     model_required: bool = False
 

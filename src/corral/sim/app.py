@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from corral.asgi import Receive, Scope, Send
-from corral.sim import control, manage, native, v1
+from corral.shapes import Shape
+from corral.sim import compat, control, manage, native, v1
 from corral.sim.config import SimConfig
 from corral.sim.core import Sim
 from corral.sim.stats import RequestRecord
@@ -25,7 +26,7 @@ class Route(NamedTuple):
     name: str  # the route as counted in stats (path parameters as {name})
     handler: Handler
     watch: bool = False  # cancel the handler when the client disconnects
-    openai: bool = False  # errors in OpenAI's shape
+    shape: Shape = "ollama"  # the shape of its errors
     internal: bool = False  # /_sim: not counted in stats
 
 
@@ -36,9 +37,11 @@ def _table() -> dict[str, dict[str, Route]]:
         *methods: str,
         watch: bool = False,
         openai: bool = False,
+        anthropic: bool = False,
         internal: bool = False,
     ) -> tuple[str, dict[str, Route]]:
-        route = Route(name, handler, watch, openai, internal)
+        shape: Shape = "anthropic" if anthropic else "openai" if openai else "ollama"
+        route = Route(name, handler, watch, shape, internal)
         return name, dict.fromkeys(methods, route)
 
     return dict(
@@ -61,6 +64,8 @@ def _table() -> dict[str, dict[str, Route]]:
             r("/v1/chat/completions", v1.chat_completions, "POST", watch=True, openai=True),
             r("/v1/completions", v1.completions, "POST", watch=True, openai=True),
             r("/v1/embeddings", v1.v1_embeddings, "POST", watch=True, openai=True),
+            r("/v1/responses", compat.responses, "POST", watch=True, openai=True),
+            r("/v1/messages", compat.messages, "POST", watch=True, anthropic=True),
             r("/v1/models", v1.list_models, "GET", openai=True),
             r("/v1/models/{model}", v1.retrieve_model, "GET", openai=True),
             r("/_sim/stats", control.stats, "GET", internal=True),
@@ -138,7 +143,7 @@ class SimApp:
         record = stats.begin(
             route.name, host, request_id, f"{client[0]}:{client[1]}" if client else ""
         )
-        ex = Exchange(scope, receive, send, record, route.openai)
+        ex = Exchange(scope, receive, send, record, route.shape)
         ex.param = param
         try:
             if scope["method"] in _BODY_METHODS:

@@ -45,7 +45,7 @@ def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
     return usage
 
 
-def _lookup(sim: Sim, ex: Exchange, body: dict[str, Any]) -> tuple[str, str, Any]:
+def lookup(sim: Sim, ex: Exchange, body: dict[str, Any]) -> tuple[str, str, Any]:
     raw_name: str = body.get("model") or ""
     ex.record.model = raw_name
     if not raw_name:
@@ -73,7 +73,7 @@ async def chat_completions(sim: Sim, ex: Exchange) -> None:
     )
     if not body.get("messages"):
         raise HTTPError(400, "[] is too short - 'messages'")
-    raw_name, key, model = _lookup(sim, ex, body)
+    raw_name, key, model = lookup(sim, ex, body)
     options = _options(body)
     n, reason = num_predict(options, sim.config.tokens)
     tokens = chat_tokens(body["messages"])
@@ -140,7 +140,7 @@ async def completions(sim: Sim, ex: Exchange) -> None:
         "CompletionRequest",
         {"model": "string", "prompt": "string", "stream": "bool", "max_tokens": "int"},
     )
-    raw_name, key, model = _lookup(sim, ex, body)
+    raw_name, key, model = lookup(sim, ex, body)
     options = _options(body)
     n, reason = num_predict(options, sim.config.tokens)
     tokens = generate_tokens(body.get("prompt") or "")

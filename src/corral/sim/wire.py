@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from corral.asgi import Receive, Scope, Send, disconnected
+from corral.shapes import Shape, error_payload
 from corral.sim.stats import RequestRecord
 
 JSON_TYPE = b"application/json; charset=utf-8"
@@ -231,13 +232,13 @@ class Exchange:
         "_watcher",
         "disconnected",
         "finished",
-        "openai",
         "param",
         "raw",
         "receive",
         "record",
         "scope",
         "send",
+        "shape",
         "started",
         "t0",
     )
@@ -248,13 +249,13 @@ class Exchange:
         receive: Receive,
         send: Send,
         record: RequestRecord,
-        openai: bool = False,
+        shape: Shape = "ollama",
     ) -> None:
         self.scope = scope
         self.receive = receive
         self.send = send
         self.record = record
-        self.openai = openai
+        self.shape: Shape = shape
         self.started = False
         self.finished = False
         self.disconnected = False
@@ -352,16 +353,10 @@ class Exchange:
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def error(self, status: int, message: str) -> None:
-        """An early error in Ollama's shape, or OpenAI's on /v1 routes."""
+        """An early error in the route's shape: Ollama's, OpenAI's on /v1, Anthropic's on
+        /v1/messages."""
         self.record.error = message
-        if self.openai:
-            kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-            body: dict[str, Any] = {
-                "error": {"message": message, "type": kind, "param": None, "code": None}
-            }
-        else:
-            body = {"error": message}
-        await self.json(body, status)
+        await self.json(error_payload(message, shape=self.shape, status=status), status)
 
     async def abort(self) -> None:
         """Drop the TCP connection mid-response, with no final chunk (a crashed server)."""

@@ -102,7 +102,7 @@ async def serve(fleet: Fleet, request: RoutedRequest | None = None) -> tuple[Rec
     """Forward as the front door does: a failure before the first byte is answered by Reply."""
     request = request or routed()
     send, result = RecordingSend(), Result()
-    reply = Reply(send, request.request_id, request.route.openai)
+    reply = Reply(send, request.request_id, request.route.shape, events=request.route.events)
     try:
         await fleet.rt.forwarder.forward(request, reply, result)
     except RoutingError as exc:
@@ -325,7 +325,7 @@ async def test_partial_line_is_held_back_until_its_newline(fleet: Fleet) -> None
     send, result = RecordingSend(), Result()
     request = routed()
     task = asyncio.create_task(
-        fleet.rt.forwarder.forward(request, Reply(send, request.request_id, False), result)
+        fleet.rt.forwarder.forward(request, Reply(send, request.request_id), result)
     )
     await pause.reached.wait()  # the relay asked for more after the first chunk
     assert send.chunks == [b'{"a":1}\n']
