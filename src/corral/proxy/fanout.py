@@ -7,10 +7,15 @@ a named backend may be draining, not down). Shapes:
 - pull, push, create always stream from the backends, whatever the client asked: progress lines
   keep the idle timeout quiet through downloads that take minutes. With ``stream`` true (Ollama's
   default) the client gets one NDJSON stream: each backend's progress lines with ``"backend"``
-  added, as they arrive; ``{"backend", "status": "success"}`` or ``{"backend", "error"}`` per
-  backend as it ends; then ``{"status": "success"}`` or ``{"error", "failed": [ids]}``. With
-  ``stream: false`` one object: ``{"status": "success", "backends": {id: {"status"}}}``.
-- copy and delete answer 200 with an empty body, blobs 200 (201 when some backend stored it).
+  added, as they arrive; ``{"backend", "status": "backend finished"}`` or ``{"backend",
+  "error"}`` per backend as it ends; then the only line that says ``"status": "success"``
+  (with ``"skipped": [ids]`` for backends that were down or draining), or ``{"error",
+  "failed": [ids]}``. With ``stream: false`` one object: ``{"status": "success", "backends":
+  {id: {"status"}}}`` (and ``skipped``).
+- copy and delete succeed where the model existed: a backend that answers 404 (it never had
+  it) did its part, and the answer is Ollama's 404 only when no backend had it. They answer 200
+  with an empty body when every backend took part, else ``{"skipped": [ids]}``; blobs 200
+  (201 when some backend stored it).
 - When some target failed the others still run to the end, and the answer is
   ``{"error", "failed": [ids], "backends": {id: {"status"} | {"error"}}}`` with the failures'
   own status when they all agree (404 when every target said not found, 500 for Ollama's failed
@@ -33,7 +38,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -50,6 +55,8 @@ from corral.upstream import Upstream, lines
 log = structlog.get_logger("corral.fanout")
 
 STREAMING = frozenset({"pull", "push", "create"})
+# A backend's own completion line in a merged progress stream.
+FINISHED = "backend finished"
 # Actions that change a backend's model list: it is probed after each success.
 CHANGES_MODELS = frozenset({"pull", "create", "copy", "delete"})
 _DIGEST = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
@@ -91,6 +98,8 @@ class _Job:
     headers: Headers  # forwarded upstream
     targets: list[BackendState]
     reply_headers: list[tuple[bytes, bytes]]
+    # Backends that took no part (down, draining, ejected): named in the answer.
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def refresh(self) -> bool:
@@ -154,7 +163,7 @@ class FanOut:
             await _reply(send, exc.status, payload, [*base, *exc.headers], head=method == "HEAD")
             return
         base.append((b"x-corral-backend", ",".join(b.id for b in targets).encode()))
-        job = _Job(action, method, path, headers, targets, base)
+        job = _Job(action, method, path, headers, targets, base, self.skipped(targets, scope))
         result: tuple[int, list[Outcome]] | None
         if action in STREAMING:
             upstream_body = json.dumps({**data, "stream": True}).encode()
@@ -193,6 +202,14 @@ class FanOut:
             status, message = denied
             extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
             raise _RefusedError(status, message, extra)
+
+    def skipped(self, targets: list[BackendState], scope: Scope) -> list[str]:
+        """Backends left out of an operation meant for the whole fleet (none when the client
+        named its targets with ``?backend=``)."""
+        if b"backend=" in scope["query_string"]:
+            return []
+        chosen = {b.id for b in targets}
+        return [b.id for b in self.registry.all() if b.id not in chosen]
 
     def targets(self, query: bytes) -> list[BackendState]:
         """The backends named by ``?backend=ID`` (healthy ones), else every available one."""
@@ -247,6 +264,8 @@ class FanOut:
             await _cancel(tasks)
         outcomes = _in_order(outcomes, job.targets)
         status, report = 200, {"status": "success", "backends": _by_backend(outcomes)}
+        if job.skipped:
+            report["skipped"] = job.skipped
         if not all(o.ok for o in outcomes):
             status, report = _report(job.action, outcomes)
         if started:
@@ -339,9 +358,14 @@ class FanOut:
     async def _answer(
         self, send: Send, job: _Job, outcomes: list[Outcome]
     ) -> tuple[int, list[Outcome]]:
+        if job.action in ("copy", "delete") and not all(_absent(o) for o in outcomes):
+            # A backend that never had the model did its part: success where it existed, and
+            # Ollama's 404 only when no backend had it.
+            outcomes = [Outcome(o.backend_id, 200) if _absent(o) else o for o in outcomes]
         if all(o.ok for o in outcomes):
             status = 201 if any(o.status == 201 for o in outcomes) else 200
-            await _reply(send, status, None, job.reply_headers)
+            payload = {"skipped": job.skipped} if job.skipped else None
+            await _reply(send, status, payload, job.reply_headers)
             return status, outcomes
         status, report = _report(job.action, outcomes)
         await _reply(send, status, report, job.reply_headers, head=job.method == "HEAD")
@@ -458,9 +482,16 @@ def _by_backend(outcomes: list[Outcome]) -> dict[str, dict[str, str]]:
     }
 
 
+def _absent(outcome: Outcome) -> bool:
+    """The backend answered that it does not have the model."""
+    return outcome.status == 404 and not outcome.ok
+
+
 def _finish_line(outcome: Outcome) -> dict[str, Any]:
+    # Not "success": clients stop reading at the first line that says so, and the only one
+    # that may is the last, the fleet's.
     if outcome.ok:
-        return {"backend": outcome.backend_id, "status": "success"}
+        return {"backend": outcome.backend_id, "status": FINISHED}
     return {"backend": outcome.backend_id, "error": outcome.error}
 
 

@@ -75,17 +75,14 @@ async def fleet() -> Fleet:
     return Fleet(rt, fake, fanout)
 
 
-async def test_delete_reports_the_backend_that_did_not_have_the_model(fleet: Fleet) -> None:
-    """Delete on two backends, one says not found: 404 naming it, the other's success kept."""
+async def test_delete_succeeds_where_the_model_was(fleet: Fleet) -> None:
+    """Delete on two backends, one never had the model: that is success (an empty 200, as
+    Ollama's), not a failure of the fleet."""
     fleet.fake.script(f"{A}/api/delete", Answer.json({"error": "model 'x' not found"}, 404))
     fleet.fake.script(f"{B}/api/delete", EMPTY_OK)
     send = await fleet.call("DELETE", "/api/delete", {"model": "x"})
-    assert send.status == 404
-    assert json.loads(send.body) == {
-        "error": "delete failed on 1 of 2 backends: a: model 'x' not found",
-        "failed": ["a"],
-        "backends": {"a": {"error": "model 'x' not found"}, "b": {"status": "success"}},
-    }
+    assert send.status == 200
+    assert send.body == b""
     assert send.header("x-corral-backend") == "a,b"
     sent = fleet.fake.sent("/api/delete")
     assert sorted(r.url for r in sent) == [f"{A}/api/delete", f"{B}/api/delete"]
@@ -133,11 +130,11 @@ async def test_pull_stream_merges_every_backends_progress(fleet: Fleet) -> None:
     assert [ln for ln in lines if ln.get("backend") == "a"] == [
         {"backend": "a", "status": "pulling manifest"},
         {"backend": "a", "status": "downloading", "completed": 1, "total": 2},
-        {"backend": "a", "status": "success"},
+        {"backend": "a", "status": "backend finished"},
     ]
     assert [ln for ln in lines if ln.get("backend") == "b"] == [
         {"backend": "b", "status": "pulling manifest"},
-        {"backend": "b", "status": "success"},
+        {"backend": "b", "status": "backend finished"},
     ]
     assert lines[-1] == {"status": "success"}
     # The backends are always asked for a stream, and read their model lists again after.
@@ -182,7 +179,7 @@ async def test_unreachable_backend_in_a_stream_gets_its_error_line(fleet: Fleet)
     assert send.status == 200
     lines = send.lines()
     assert {"backend": "a", "error": "backend unreachable: connection refused"} in lines
-    assert {"backend": "b", "status": "success"} in lines
+    assert {"backend": "b", "status": "backend finished"} in lines
     assert lines[-1] == {
         "error": "pull failed on 1 of 2 backends: a: backend unreachable: connection refused",
         "failed": ["a"],
@@ -199,3 +196,16 @@ async def test_delete_on_an_unreachable_backend_is_reported(fleet: Fleet) -> Non
     assert body["failed"] == ["a"]
     assert body["backends"]["a"] == {"error": "backend unreachable: connection refused"}
     assert body["backends"]["b"] == {"status": "success"}
+
+
+async def test_a_backend_that_is_down_is_named_not_hidden(fleet: Fleet) -> None:
+    """Delete and pull while one backend is down: they succeed on the others, and the answer
+    names the one left out instead of an empty 200 that looks like full success."""
+    fleet.rt.registry.get("b").healthy = False
+    fleet.fake.script(f"{A}/api/delete", EMPTY_OK)
+    send = await fleet.call("DELETE", "/api/delete", {"model": "x"})
+    assert (send.status, json.loads(send.body)) == (200, {"skipped": ["b"]})
+    fleet.fake.script(f"{A}/api/pull", Answer.ndjson({"status": "success"}))
+    send = await fleet.call("POST", "/api/pull", {"model": "x"})
+    assert send.lines()[-1] == {"status": "success", "skipped": ["b"]}
+    assert not fleet.fake.sent("/api/pull")[0].url.startswith(B)
