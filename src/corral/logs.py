@@ -104,6 +104,19 @@ class _Stamper:
 _stamp = _Stamper()
 
 
+class JsonFormatter(logging.Formatter):
+    """A standard-library record as one JSON line shaped like corral's own: ``event``,
+    ``logger``, ``level``, ``timestamp`` (and ``exception`` with its traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {"event": record.getMessage(), "logger": record.name}
+        line["level"] = record.levelname.lower()
+        _stamp(None, "", line)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
 class AccessLog:
     """The access line, one per request.
 
@@ -158,6 +171,15 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(
-        level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    # Libraries (uvicorn's start and stop lines, for one) log through the standard library:
+    # in the same shape as corral's own lines, so that a JSON log stays JSON throughout.
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)

@@ -54,3 +54,25 @@ def test_the_direct_access_line_is_the_line_structlog_writes() -> None:
     form = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
     assert form.fullmatch(ours["timestamp"]), ours["timestamp"]
     assert form.fullmatch(reference["timestamp"]), reference["timestamp"]
+
+
+def test_library_lines_are_json_in_a_json_log(capfd: Any) -> None:
+    """With JSON logs, a line a library logs through the standard library (uvicorn's "Started
+    server process", say) is a JSON object too, with its logger and level."""
+    import logging
+
+    from corral.logs import access_log, configure_logging
+
+    configure_logging("info", "json")
+    try:
+        # (uvicorn's own logger may carry another test's handlers: a fresh name stands in)
+        logging.getLogger("a.library").info("Started server process [%d]", 42)
+        err = capfd.readouterr().err.strip().splitlines()
+        line = json.loads(err[-1])
+        assert line["event"] == "Started server process [42]"
+        assert (line["logger"], line["level"]) == ("a.library", "info")
+        assert line["timestamp"].endswith("Z")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+        access_log._direct = None

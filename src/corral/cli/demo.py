@@ -77,23 +77,21 @@ def _banner(url: str, fast: int, slow: int) -> None:
         highlight=False,
     )
     console.print("Try it:", style="bold")
-    console.print(
-        f"  curl {url}/api/generate "
-        + '-d \'{"model": "llama3.2", "prompt": "Why is the sky blue?"}\'',
-        highlight=False,
-        markup=False,
-    )
-    console.print(
-        f"  OLLAMA_HOST={url} .venv/bin/python -c "
+    commands = [
+        f"curl {url}/api/generate"
+        + ' -d \'{"model": "llama3.2", "prompt": "Why is the sky blue?"}\'',
+        f"OLLAMA_HOST={url} .venv/bin/python -c "
         "\"import ollama; print(ollama.chat(model='llama3.2', "
         "messages=[{'role': 'user', 'content': 'hi'}]).message.content)\"",
-        highlight=False,
-        markup=False,
-    )
-    console.print(f"  CORRAL_URL={url} .venv/bin/corral status", highlight=False, markup=False)
-    console.print(f"  .venv/bin/corral gpus --url {url}", highlight=False, markup=False)
-    console.print(f"  curl {url}/metrics", highlight=False, markup=False)
-    console.print(f"  open {url}/ui in a browser: the status page\n", highlight=False, markup=False)
+        f"CORRAL_URL={url} .venv/bin/corral status",
+        f".venv/bin/corral gpus --url {url}",
+        f"curl {url}/metrics",
+        f"open {url}/ui in a browser: the status page\n",
+    ]
+    for command in commands:
+        # Whole lines (the terminal wraps them; rich does not break them), so that each can be
+        # copied and pasted as it is.
+        console.print(f"  {command}", highlight=False, markup=False, soft_wrap=True)
 
 
 async def _demo(port: int, strategy: str) -> None:

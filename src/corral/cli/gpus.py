@@ -82,6 +82,11 @@ def gpus(
         print(json.dumps({"gpus": [g.to_json() for g in found], "error": reason}, indent=2))
     elif reason is not None:
         err.print(f"no GPU found: {reason}", markup=False)
+        err.print(
+            "(this reads the GPUs of this host; for a running corral's view of its backends' "
+            "GPUs, add --url http://HOST:11434)",
+            markup=False,
+        )
     else:
         console.print(gpu_table([g.to_json() for g in found], "GPUs on this host (NVML)"))
     if reason is not None:

@@ -164,8 +164,11 @@ def _q(value: str) -> str:
     return json.dumps(value)  # a JSON string is a TOML basic string
 
 
-def render_config(gpus: list[Gpu], host: str) -> str:
-    """corral.toml for these GPUs."""
+def render_config(gpus: list[Gpu], host: str, directory: Path = SYSTEM_DIR) -> str:
+    """corral.toml for these GPUs, to be read from ``directory``: installed in /etc/corral it
+    keeps its state where corral.service's StateDirectory is; anywhere else beside itself."""
+    state = STATE_FILE if directory == SYSTEM_DIR else str(directory.resolve() / "state.json")
+    where = "corral.service's StateDirectory" if directory == SYSTEM_DIR else "beside this file"
     drain = ServerSettings().drain_timeout_s
     lines = [
         "# corral configuration, written by `corral init` for this host's GPUs.",
@@ -176,7 +179,7 @@ def render_config(gpus: list[Gpu], host: str) -> str:
         f"host = {_q(host)}",
         f"port = {CORRAL_PORT}",
         f"drain_timeout_s = {drain:g}  # keep below TimeoutStopSec= in corral.service",
-        f"state_file = {_q(STATE_FILE)}  # corral.service's StateDirectory",
+        f"state_file = {_q(state)}  # {where}",
         "",
         "[balancer]",
         'strategy = "least_connections"',
@@ -325,7 +328,7 @@ def run_init(
 ) -> InitResult:
     """Detect, write, plan; InitError on a problem (then nothing was written)."""
     gpus, warnings = choose_gpus(parse_gpus(gpus_spec), base_port)
-    files = {"corral.toml": render_config(gpus, host)}
+    files = {"corral.toml": render_config(gpus, host, directory)}
     files.update({gpu.env_name: render_env(gpu) for gpu in gpus})
     written = write_files(directory, files, force)
     if not facts.corral_installed and _hidden(facts.corral_exe):

@@ -11,7 +11,8 @@ import typer
 from rich.table import Table
 
 from corral.cli.client import API, DEFAULT_URL, KeyOpt, UrlOpt, call
-from corral.cli.render import JsonOpt, console, err, gib, pct, show
+from corral.cli.render import JsonOpt, console, err, pct, show
+from corral.cli.render import size as size_text
 
 
 def models_table(models: list[dict[str, Any]]) -> Table:
@@ -39,8 +40,8 @@ def models_table(models: list[dict[str, Any]]) -> Table:
                 "yes" if e.get("installed") else "no",
                 state,
                 pct(share),
-                "-" if size is None else f"{gib(size)} GiB",
-                "-" if vram is None else f"{gib(vram)} GiB",
+                size_text(size),
+                size_text(vram),
             )
     return table
 

@@ -45,6 +45,16 @@ def gib(value: float | None) -> str:
     return "-" if value is None else f"{value / 1024**3:.1f}"
 
 
+def size(value: float | None) -> str:
+    """A model's size: GiB from 1 GiB up (one decimal), MiB below (a 45 MB embedding model is
+    ``43 MiB``, not ``0.0 GiB``), "-" when unknown."""
+    if value is None:
+        return "-"
+    if 0 < value < 1024**3:
+        return f"{value / 1024**2:.0f} MiB"
+    return f"{gib(value)} GiB"
+
+
 def vram(used: float | None, total: float | None) -> str:
     if used is None and total is None:
         return "-"

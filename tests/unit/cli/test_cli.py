@@ -198,6 +198,7 @@ def test_gpus_json_and_no_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["gpus"])
     assert result.exit_code == 1
     assert "no GPU found: NVML is not available: NVML Shared Library Not Found" in result.output
+    assert "--url http://HOST:11434" in result.output  # where to look instead
     result = runner.invoke(app, ["gpus", "--json"])
     assert result.exit_code == 1
     assert json.loads(result.stdout)["gpus"] == []
@@ -230,3 +231,25 @@ def test_gpus_from_a_running_corral() -> None:
     assert "99%" in row
     assert "86°C hot" in row
     assert "gpu0" in row
+
+
+def test_demo_prints_each_command_whole_on_a_narrow_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a 40-column terminal the demo's commands still come out one per line, so that a
+    copy and paste runs them (rich used to break them at the terminal's width)."""
+    import io
+
+    from rich.console import Console
+
+    from corral.cli import demo
+
+    out = io.StringIO()
+    monkeypatch.setattr(demo, "console", Console(file=out, width=40, color_system=None))
+    demo._banner("http://127.0.0.1:11434", 5001, 5002)
+    lines = out.getvalue().splitlines()
+    curl = next(line for line in lines if "curl http://127.0.0.1:11434/api/generate" in line)
+    assert curl.endswith(""""Why is the sky blue?"}\'""")
+    assert any(
+        line.strip().startswith("OLLAMA_HOST=") and line.endswith('content)"') for line in lines
+    )

@@ -160,3 +160,29 @@ def test_place_keeps_namespaced_model_names_in_the_path() -> None:
     assert result.exit_code == 0, result.output
     assert route.called
     assert json.loads(result.output)["action"] == "cpu"
+
+
+@respx.mock
+def test_a_small_model_shows_its_size_in_mib() -> None:
+    """An embedding model of 45 MB reads "43 MiB", not "0.0 GiB"; big ones stay in GiB."""
+    small = {
+        "name": "all-minilm:latest",
+        "backends": {
+            "gpu0": {
+                "installed": True,
+                "resident": "gpu",
+                "loading": False,
+                "size": 45_000_000,
+                "size_vram": 45_000_000,
+                "expires_at": "2318-01-01T00:00:00Z",
+            }
+        },
+    }
+    body = {"models": [*MODELS["models"], small]}
+    respx.get(f"{URL}/api/v1/loadbalancer/models").mock(return_value=httpx.Response(200, json=body))
+    result = runner.invoke(app, ["models", "--url", URL], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    row = _row(result.output, "all-minilm", "gpu0")
+    assert row.count("43 MiB") == 2
+    assert "0.0 GiB" not in row
+    assert "4.0 GiB" in _row(result.output, "llama3.2", "gpu0")

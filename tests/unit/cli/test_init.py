@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from corral.cli import init as init_cmd
-from corral.cli.init import HostFacts, init_command, next_steps
+from corral.cli.init import HostFacts, init_command, next_steps, render_config
 from corral.config import load_config
 from corral.fleet.gpu import GpuReading
 from tests.helpers import REPO_ROOT
@@ -94,7 +94,10 @@ def test_two_gpus_make_a_config_corral_loads(
         ("gpu1", "http://127.0.0.1:11436", 1, 4),
     ]
     assert (settings.server.host, settings.server.port) == ("127.0.0.1", 11434)
-    assert settings.server.state_file == Path("/var/lib/corral/state.json")
+    # Written elsewhere than /etc/corral, the state stays beside the config (a user running
+    # corral from ./etc cannot write /var/lib); installed, it is corral.service's.
+    assert settings.server.state_file == tmp_path.resolve() / "state.json"
+    assert 'state_file = "/var/lib/corral/state.json"' in render_config([], "127.0.0.1")
     assert settings.gpu.enabled
     text = (tmp_path / "corral.toml").read_text()
     assert f"# GPU 0: {H100}, 79.6 GiB, {UUID0}" in text
