@@ -352,14 +352,33 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     """One readable line per problem."""
     lines: list[str] = []
     for err in exc.errors():
-        loc = _format_loc(tuple(err.get("loc", ())))
+        where = tuple(err.get("loc", ()))
+        loc = _format_loc(where)
         if err.get("type") == "extra_forbidden":
             lines.append(f"{loc}: unknown key")
             continue
         msg = str(err.get("msg", "invalid value"))
         msg = msg.removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}")
+        # A problem of the whole configuration (no key to name) is told as it is.
+        lines.append(f"{loc}: {msg}" if where else msg)
     return lines
+
+
+def _duplicate_ids(data: dict[str, Any]) -> list[str]:
+    """Backend ids given twice, found before validation so that they are reported with the
+    other problems, not only once those are fixed."""
+    backends = data.get("backends")
+    if not isinstance(backends, list):
+        return []
+    seen: set[str] = set()
+    dupes: list[str] = []
+    for backend in backends:
+        bid = backend.get("id") if isinstance(backend, dict) else None
+        if isinstance(bid, str):
+            if bid in seen and f"duplicate backend id {bid!r}" not in dupes:
+                dupes.append(f"duplicate backend id {bid!r}")
+            seen.add(bid)
+    return dupes
 
 
 def load_config(
@@ -409,7 +428,9 @@ def load_config(
             merged = _merged(settings.model_dump(), overrides)
             settings = Settings(_env_prefix="CORRAL_FLAGS_ONLY_", **merged)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        lines = format_validation_error(exc)
+        lines += [d for d in _duplicate_ids(data) if d not in lines]
+        raise ConfigError(lines) from None
     finally:
         if saved_env is not None:
             os.environ.clear()

@@ -36,7 +36,8 @@ def _load(config: Path | None, overrides: dict[str, Any] | None = None) -> Setti
         return load_config(config, overrides=overrides)
     except ConfigError as exc:
         for line in exc.problems:
-            err.print(f"config error: {line}", markup=False, highlight=False)
+            # One line per problem, however narrow the terminal or the pipe.
+            err.print(f"config error: {line}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

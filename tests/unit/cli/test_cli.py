@@ -89,6 +89,25 @@ def test_check_config_ok_and_bad(tmp_path: Path) -> None:
     assert any("backends.0.url" in line for line in lines)
 
 
+def test_check_config_tells_every_problem_at_once_one_line_each(tmp_path: Path) -> None:
+    """A duplicate backend id is reported beside the other problems (not only once they are
+    fixed), without a doubled "config:" prefix, and no line is broken at 80 columns."""
+    bad = tmp_path / "bad.toml"
+    unknown = "an_unknown_key_long_enough_to_make_this_line_wider_than_eighty_columns"
+    bad.write_text(
+        f'[balancer]\nstrategy = "nope"\n{unknown} = 1\n'
+        '[[backends]]\nid = "a"\nurl = "http://127.0.0.1:1"\n'
+        '[[backends]]\nid = "a"\nurl = "http://127.0.0.1:2"\n'
+    )
+    result = runner.invoke(app, ["check-config", str(bad)], env={"COLUMNS": "80"})
+    assert result.exit_code == 2
+    lines = result.output.splitlines()
+    assert all(line.startswith("config error: ") for line in lines), lines
+    assert "config error: duplicate backend id 'a'" in lines
+    assert f"config error: balancer.{unknown}: unknown key" in lines
+    assert any(line.startswith("config error: balancer.strategy: unknown") for line in lines)
+
+
 @respx.mock
 def test_status_prints_the_load_table() -> None:
     """corral status shows each backend's state, in-flight/capacity and totals."""
