@@ -8,6 +8,7 @@ a corral's with --url); client.py is their admin API client, render.py what they
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,19 @@ from corral import __version__
 from corral.cli.render import console, err
 from corral.config import Settings, load_config
 from corral.errors import ConfigError
+
+_type_of: Callable[[Any, Any], str | None] | None = getattr(
+    typer.core.TyperOption, "display_type_rich", None
+)
+
+
+def _no_type_for_flags(self: Any, ctx: Any) -> str | None:
+    """A flag takes no value: its help row shows no type (typer 0.29 prints ``<bool>``)."""
+    return None if self.is_flag or _type_of is None else _type_of(self, ctx)
+
+
+if _type_of is not None:  # typer versions that show a type column
+    typer.core.TyperOption.display_type_rich = _no_type_for_flags  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="corral",

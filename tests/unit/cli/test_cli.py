@@ -272,3 +272,15 @@ def test_demo_prints_each_command_whole_on_a_narrow_terminal(
     assert any(
         line.strip().startswith("OLLAMA_HOST=") and line.endswith('content)"') for line in lines
     )
+
+
+def test_help_shows_no_type_for_flags() -> None:
+    """`--help` of every command lists a flag without a value type (no `<bool>`), and an
+    option that takes a value with its type."""
+    commands = [["serve"], ["status"], ["backends", "add"], ["models"], ["gpus"], ["init"]]
+    for command in commands:
+        result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "160"})
+        assert result.exit_code == 0, (command, result.output)
+        assert "<bool>" not in result.output, command
+    serve = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "160"}).output
+    assert "<int>" in serve  # --port takes a value
