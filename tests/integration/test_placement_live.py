@@ -152,11 +152,12 @@ def test_admin_placement_actions_show_in_the_backends_ps(
 
 
 def test_models_report_and_placement_errors(sim_factory: Any, corral_factory: Any) -> None:
-    """GET /models lists installed and loaded models per backend with where they run; bad
+    """GET /models lists installed and loaded models per backend with where they run (and a
+    loaded one's context length); bad
     placement requests get 404 (unknown backend, model not there) or 422 (bad body)."""
     a = sim_factory(name="a")
     b = sim_factory(name="b", models=[SimModel("mistral:latest", 4113301824)])
-    load(a, "llama3.2", options={"num_gpu": 10})  # 10 of its 28 layers on GPU
+    load(a, "llama3.2", options={"num_gpu": 10, "num_ctx": 8192})  # 10 of 28 layers on GPU
     corral = corral_factory([{"id": "a", "url": a.url}, {"id": "b", "url": b.url}])
     with corral.client() as client:
 
@@ -175,6 +176,8 @@ def test_models_report_and_placement_errors(sim_factory: Any, corral_factory: An
         llama = models["llama3.2:latest"]["a"]
         assert llama["installed"] is True
         assert 0 < llama["size_vram"] < llama["size"]
+        assert llama["context_length"] == 8192  # as /api/ps says its runner was loaded
+        assert models["qwen2.5:7b"]["a"]["context_length"] is None  # not loaded
         assert models["qwen2.5:7b"]["a"]["resident"] is None
         assert models["qwen2.5:7b"]["a"]["size"] == 4683087332
         assert set(models["mistral:latest"]) == {"b"}

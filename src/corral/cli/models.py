@@ -22,7 +22,7 @@ def models_table(models: list[dict[str, Any]]) -> Table:
     table.add_column("backend", no_wrap=True)
     table.add_column("installed", no_wrap=True)
     table.add_column("resident", no_wrap=True)
-    for col in ("on gpu", "size", "vram"):
+    for col in ("on gpu", "size", "vram", "context"):
         table.add_column(col, justify="right", no_wrap=True)
     colour = {"gpu": "green", "partial": "yellow", "cpu": "red"}
     for m in models:
@@ -42,6 +42,7 @@ def models_table(models: list[dict[str, Any]]) -> Table:
                 pct(share),
                 size_text(size),
                 size_text(vram),
+                "-" if e.get("context_length") is None else f"{e['context_length']:,}",
             )
     return table
 

@@ -104,9 +104,15 @@ def models_view(registry: BackendRegistry) -> list[dict[str, Any]]:
                 "size": entry.get("size") if entry else b.model_sizes.get(key),
                 "size_vram": entry.get("size_vram") if entry else None,
                 "expires_at": entry.get("expires_at") if entry else None,
+                # The context length its runner was loaded with (Ollama's /api/ps says it).
+                "context_length": _int(entry.get("context_length")) if entry else None,
             }
         models.append({"name": names[key], "backends": backends})
     return models
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class ResidencyCollector:

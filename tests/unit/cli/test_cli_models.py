@@ -164,7 +164,8 @@ def test_place_keeps_namespaced_model_names_in_the_path() -> None:
 
 @respx.mock
 def test_a_small_model_shows_its_size_in_mib() -> None:
-    """An embedding model of 45 MB reads "43 MiB", not "0.0 GiB"; big ones stay in GiB."""
+    """An embedding model of 45 MB reads "43 MiB", not "0.0 GiB"; big ones stay in GiB; a
+    loaded model shows its context length."""
     small = {
         "name": "all-minilm:latest",
         "backends": {
@@ -175,6 +176,7 @@ def test_a_small_model_shows_its_size_in_mib() -> None:
                 "size": 45_000_000,
                 "size_vram": 45_000_000,
                 "expires_at": "2318-01-01T00:00:00Z",
+                "context_length": 8192,
             }
         },
     }
@@ -185,4 +187,5 @@ def test_a_small_model_shows_its_size_in_mib() -> None:
     row = _row(result.output, "all-minilm", "gpu0")
     assert row.count("43 MiB") == 2
     assert "0.0 GiB" not in row
+    assert "8,192" in row  # the context length its runner was loaded with
     assert "4.0 GiB" in _row(result.output, "llama3.2", "gpu0")
