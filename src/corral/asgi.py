@@ -43,6 +43,29 @@ def request_id(scope: Scope) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
+class BodyTooLargeError(ValueError):
+    """A compressed body that decodes to more than the limit."""
+
+
+def zstd_decoded(body: bytes, limit: int) -> bytes:
+    """A ``Content-Encoding: zstd`` body, decoded, at most ``limit`` bytes of it (a small body
+    may decode to gigabytes). BodyTooLargeError past the limit, ValueError when it is not zstd."""
+    import zstandard  # only when a client compresses
+
+    parts: list[bytes] = []
+    size = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body) as reader:
+            while chunk := reader.read(min(limit + 1 - size, 1 << 20) or 1):
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLargeError(f"the zstd body decodes to more than {limit} bytes")
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"invalid zstd body: {exc}") from None
+    return b"".join(parts)
+
+
 async def disconnected(receive: Receive) -> None:
     """Return once the client has gone away (request body messages are skipped)."""
     while (await receive())["type"] != "http.disconnect":

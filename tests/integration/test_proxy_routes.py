@@ -189,3 +189,33 @@ def test_metrics_exposes_the_product_names(fleet: Any) -> None:
 def _decode(resp: httpx.Response) -> dict[str, Any]:
     data: dict[str, Any] = resp.json()
     return data
+
+
+def test_zstd_bodies_on_v1_routes(fleet: Any) -> None:
+    """A /v1 body sent with Content-Encoding: zstd is read (its model routed, a model no
+    backend has is a 404) and reaches the backend as sent; a corrupt one is a 400 and one that
+    decodes past server.max_body_mb a 413, both in OpenAI's shape."""
+    import zstandard
+
+    corral, _, _ = fleet
+    zstd = {"content-type": "application/json", "content-encoding": "zstd"}
+
+    def packed(model: str) -> bytes:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        return zstandard.ZstdCompressor().compress(json.dumps(body).encode())
+
+    with corral.client() as client:
+        ok = client.post("/v1/chat/completions", content=packed("llama3.2"), headers=zstd)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["choices"][0]["message"]["content"]
+        missing = client.post("/v1/chat/completions", content=packed("nope"), headers=zstd)
+        assert missing.status_code == 404
+        assert missing.json()["error"]["type"] == "not_found_error"
+        broken = client.post("/v1/chat/completions", content=b"not zstd at all", headers=zstd)
+        assert broken.status_code == 400
+        assert broken.json()["error"]["message"].startswith("invalid zstd body")
+        bomb = zstandard.ZstdCompressor().compress(b" " * (21 * 1024 * 1024))
+        assert len(bomb) < 10_000
+        big = client.post("/v1/chat/completions", content=bomb, headers=zstd)
+        assert big.status_code == 413
+        assert "too large" in big.json()["error"]["message"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from corral.asgi import (
     ASGIApp,
+    BodyTooLargeError,
     DisconnectWatcher,
     Headers,
     Receive,
@@ -23,6 +24,7 @@ from corral.asgi import (
     Send,
     header,
     request_id,
+    zstd_decoded,
 )
 from corral.auth import ClientAuth, presented_key
 from corral.balancer.admission import parse_priority
@@ -184,8 +186,18 @@ class OllamaFront:
         """The request as corral needs it; RequestError when it cannot be served."""
         if not body:
             raise RequestError("missing request body")
+        text = body
+        if route.shape != "ollama" and header(scope, b"content-encoding") == "zstd":
+            # Ollama decodes zstd bodies on its /v1 routes: corral decodes to read the model
+            # and forwards the bytes it got.
+            try:
+                text = zstd_decoded(body, self.max_body_bytes)
+            except BodyTooLargeError:
+                raise self._too_large() from None
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
         try:
-            data = json.loads(body)
+            data = json.loads(text)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise RequestError(f"invalid JSON: {exc}") from None
         if not isinstance(data, dict):

@@ -9,7 +9,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
-from corral.asgi import Receive, Scope, Send
+from corral.asgi import Receive, Scope, Send, zstd_decoded
 from corral.shapes import Shape
 from corral.sim import compat, control, manage, native, v1
 from corral.sim.config import SimConfig
@@ -148,6 +148,11 @@ class SimApp:
         try:
             if scope["method"] in _BODY_METHODS:
                 ex.raw = await ex.body()
+                if route.shape != "ollama" and _zstd(scope):
+                    try:  # Ollama decodes zstd bodies on its /v1 routes
+                        ex.raw = zstd_decoded(ex.raw, 64 * 1024 * 1024)
+                    except ValueError as exc:
+                        raise HTTPError(400, str(exc)) from None
             if route.watch:
                 ex.watch_disconnect()
             await route.handler(self.sim, ex)
@@ -184,6 +189,10 @@ class SimApp:
             await ex.error(exc.status, exc.message)
         except ClientGone:
             pass
+
+
+def _zstd(scope: Scope) -> bool:
+    return any(k == b"content-encoding" and v == b"zstd" for k, v in scope["headers"])
 
 
 def host_allowed(host_header: str) -> bool:

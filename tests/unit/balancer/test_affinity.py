@@ -69,6 +69,7 @@ def test_models_view_lists_each_model_per_backend() -> None:
             "size": None,
             "size_vram": None,
             "expires_at": None,
+            "context_length": None,
         }
     }
 
