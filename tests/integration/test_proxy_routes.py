@@ -219,3 +219,18 @@ def test_zstd_bodies_on_v1_routes(fleet: Any) -> None:
         big = client.post("/v1/chat/completions", content=bomb, headers=zstd)
         assert big.status_code == 413
         assert "too large" in big.json()["error"]["message"]
+
+
+def test_a_local_suffix_is_the_local_model(fleet: Any) -> None:
+    """`name:tag:local` is routed as the local `name:tag` (Ollama strips the suffix); a model
+    with a tag that happens to be "local" is just that model."""
+    corral, _, _ = fleet
+    with corral.client() as client:
+        body = {"model": "llama3.2:latest:local", "prompt": "hi", "stream": False}
+        resp = client.post("/api/generate", json=body)
+        assert resp.status_code == 200, resp.text
+        # forwarded byte for byte: the simulator echoes the name as it got it
+        assert resp.json()["model"] == "llama3.2:latest:local"
+        other = client.post("/api/generate", json={**body, "model": "llama3.2:local"})
+        assert other.status_code == 404
+        assert other.json() == {"error": "model 'llama3.2:local' not found"}

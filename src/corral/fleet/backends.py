@@ -17,9 +17,12 @@ Clock = Callable[[], float]
 
 
 def normalize_model(name: str) -> str:
-    """Ollama's matching key: lower-case, ``:latest`` when no tag is given."""
+    """Ollama's matching key: lower-case, ``:latest`` when no tag is given; ``name:tag:local``
+    is the local ``name:tag`` (Ollama strips that suffix)."""
     name = name.strip().lower()
     last = name.rsplit("/", 1)[-1]
+    if last.count(":") >= 2 and last.endswith(":local"):
+        name, last = name[: -len(":local")], last[: -len(":local")]
     if ":" not in last:
         name += ":latest"
     return name

@@ -46,6 +46,8 @@ def parse_name(raw: str) -> Name | None:
     """Parse a model name; None when it is not a valid Ollama name."""
     if not raw or len(raw) > 350:
         return None
+    if raw.rsplit("/", 1)[-1].count(":") >= 2 and raw.lower().endswith(":local"):
+        raw = raw[: -len(":local")]  # name:tag:local is the local name:tag
     slash = raw.rfind("/")
     colon = raw.rfind(":")
     tag = DEFAULT_TAG
