@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from corral.sim.config import SimModel
 from tests.helpers import CorralThread, make_settings, metric, poll
 
 pytestmark = pytest.mark.integration
@@ -318,5 +319,39 @@ def test_unknown_model_is_404_at_once_while_others_queue(
         openai = client.post("/v1/chat/completions", json=body)
         assert openai.status_code == 404
         assert openai.json()["error"]["type"] == "not_found_error"
+    for holder in holders:
+        holder.join(10)
+
+
+def test_a_cloud_model_passes_through_without_a_gpu_slot(
+    sim_factory: Any, corral_factory: Any
+) -> None:
+    """A `-cloud` model runs on Ollama's cloud through a backend that lists it: with that
+    backend's only GPU slot taken and a local request queued for it, the cloud request is
+    still served at once, and counted under its name."""
+    llama = SimModel("llama3.2:latest", 2019393189)
+    cloud = SimModel("gpt-oss:20b-cloud", 384)
+    sim = sim_factory(name="a", token_interval_s=0.1, tokens=20, models=[llama, cloud])
+    corral = corral_factory(
+        [{"id": "a", "url": sim.url, "max_concurrent": 1, "max_loaded_models": 1}],
+        queue={"timeout_s": 30},
+    )
+
+    def hold() -> None:
+        with corral.client() as client:
+            client.post("/api/generate", json=GEN)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for holder in holders:
+        holder.start()
+    assert poll(lambda: corral.call(lambda: corral.runtime.admission.queued) == 1, 5)
+    with corral.client(timeout=5) as client:  # the local requests take 2 s each
+        body = {"model": "gpt-oss:20b-cloud", "prompt": "x", "stream": False, "options": {}}
+        resp = client.post("/api/generate", json={**body, "options": {"num_predict": 2}})
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-corral-backend"] == "a"
+        assert corral.call(lambda: corral.runtime.admission.queued) == 1  # still waiting
+        label = 'corral_requests_total{backend="a",code="200",model="gpt-oss:20b-cloud"'
+        assert metric(client, label + ',route="generate"}') == 1
     for holder in holders:
         holder.join(10)

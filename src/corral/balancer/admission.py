@@ -51,8 +51,11 @@ class Lease:
         self.served_s: float | None = None  # how long the backend served; None: it failed
 
     async def __aenter__(self) -> Lease:
-        model, model_key, route, exclude, rank, enqueued, session, num_ctx = self._ask
-        self.backend: BackendState = await self._admission.acquire(
+        model, model_key, route, exclude, rank, enqueued, session, num_ctx, cloud = self._ask
+        if cloud:
+            self.backend: BackendState = self._admission.remote(model, model_key, exclude)
+            return self
+        self.backend = await self._admission.acquire(
             model,
             model_key,
             route,
@@ -65,7 +68,10 @@ class Lease:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        model_key, route = self._ask[1], self._ask[2]
+        model_key, route, cloud = self._ask[1], self._ask[2], self._ask[8]
+        if cloud:
+            self._admission.remote_done(self.backend)
+            return
         self._admission.release(self.backend, demand_key(model_key, route), self.served_s)
 
 
@@ -111,6 +117,7 @@ class Admission:
         self._count = 0
         self._seq = itertools.count()
         self.closed_reason: str | None = None
+        self._remote: dict[str, int] = {}  # cloud requests passing through each backend
         self.registry.on_capacity(self.dispatch)
         for name in PRIORITIES:  # a series per class from the start: 0 until one queues
             metrics.queue_depth.labels(priority=name)
@@ -301,11 +308,29 @@ class Admission:
         enqueued: float | None = None,
         session: str | None = None,
         num_ctx: int | None = None,
+        cloud: bool = False,
     ) -> Lease:
         """One slot for an ``async with`` block: granted (at once or from the queue) on entry,
         given back on exit whatever happens inside. Set ``lease.served_s`` when the backend
         answered, so that demand learns how long it takes. Entering raises as :meth:`acquire`."""
-        return Lease(self, (model, model_key, route, exclude, rank, enqueued, session, num_ctx))
+        ask = (model, model_key, route, exclude, rank, enqueued, session, num_ctx, cloud)
+        return Lease(self, ask)
+
+    def remote(self, model: str, model_key: str | None, exclude: Collection[str]) -> BackendState:
+        """A backend to pass a cloud model's request through (``name:cloud``, ``-cloud``
+        tags): Ollama sends it to ollama.com, so it takes no GPU slot, waits in no queue and
+        weighs no affinity. One that lists the model, else any; the least busy with such."""
+        now = self._clock()
+        up = [b for b in self.registry.all() if b.available(now) and b.id not in exclude]
+        if not up:
+            raise NoBackendError("no healthy backend available", self._retry_after())
+        listing = [b for b in up if model_key in b.models] or up
+        backend = min(listing, key=lambda b: self._remote.get(b.id, 0))
+        self._remote[backend.id] = self._remote.get(backend.id, 0) + 1
+        return backend
+
+    def remote_done(self, backend: BackendState) -> None:
+        self._remote[backend.id] = max(0, self._remote.get(backend.id, 0) - 1)
 
     def _any_free(self) -> bool:
         """Some backend takes requests and has a slot (else dispatching is pointless)."""

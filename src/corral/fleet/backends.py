@@ -28,6 +28,13 @@ def normalize_model(name: str) -> str:
     return name
 
 
+def is_cloud(name: str) -> bool:
+    """Ollama's cloud models: ``name:cloud``, ``name:tag:cloud``, ``name:tag-cloud`` (the
+    backend passes them to ollama.com: no local GPU, no VRAM)."""
+    last = name.strip().lower().rsplit("/", 1)[-1]
+    return last.endswith(":cloud") or (":" in last and last.endswith("-cloud"))
+
+
 class Candidate(NamedTuple):
     """What a strategy may know about one eligible backend, frozen at decision time.
 

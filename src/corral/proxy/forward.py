@@ -64,7 +64,8 @@ class Forwarder:
         been sent to the client (``reply.started`` is False)."""
         self.budget.deposit()
         max_attempts = self.settings.max_attempts
-        key = demand_key(request.model_key, request.route.name)
+        # A cloud model occupies no runner here: nothing to count or learn for it.
+        key = None if request.cloud else demand_key(request.model_key, request.route.name)
         tried: list[str] = []
         enqueued = time.monotonic()
         # 5xx answers wait to be counted against their backend: when a second backend answers
@@ -85,6 +86,7 @@ class Forwarder:
                         enqueued=enqueued,
                         session=request.session,
                         num_ctx=request.num_ctx,
+                        cloud=request.cloud,
                     )
                     async with slot as lease:
                         backend = lease.backend

@@ -30,7 +30,7 @@ from corral.auth import ClientAuth, presented_key
 from corral.balancer.admission import parse_priority
 from corral.balancer.sessions import continues, session_key
 from corral.errors import RequestError, RoutingError, UpstreamStatusError
-from corral.fleet.backends import BackendRegistry, normalize_model
+from corral.fleet.backends import BackendRegistry, is_cloud, normalize_model
 from corral.logs import access_log
 from corral.metrics import Metrics
 from corral.proxy.fanout import FanOut
@@ -248,6 +248,7 @@ class OllamaFront:
             started=started,
             rank=rank,
             client=scope.get("corral.client"),
+            cloud=is_cloud(model),
         )
 
     async def _serve(self, request: RoutedRequest, receive: Receive, reply: Reply) -> None:
@@ -271,7 +272,7 @@ class OllamaFront:
         route = request.route.name
         # Only models some backend reports become label values (bounded cardinality).
         known = request.model_key in self.registry.known_models
-        label_model = request.model if known else "other"
+        label_model = request.model if known else "cloud" if request.cloud else "other"
         self.metrics.observe_request(
             result.backend,
             route,

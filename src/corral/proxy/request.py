@@ -39,6 +39,7 @@ class RoutedRequest:
     conversation: str | None = None  # the conversation it belongs to, remembered once served
     num_ctx: int | None = None
     client: ClientKey | None = None
+    cloud: bool = False  # runs on Ollama's cloud through a backend (no GPU of corral's)
 
 
 @dataclass(slots=True)
