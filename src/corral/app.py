@@ -17,6 +17,7 @@ from corral.fleet.gpu import GpuSampler
 from corral.proxy.fanout import FanOut
 from corral.proxy.front import OllamaFront
 from corral.proxy.listing import Listing
+from corral.proxy.passthrough import Passthrough
 from corral.proxy.relay import METHOD_NOT_ALLOWED, NOT_FOUND
 from corral.runtime import Runtime
 from corral.upstream import Upstream
@@ -78,6 +79,13 @@ class CorralApp:
                 runtime.health,
                 admin_key=runtime.admin_key,
                 open_to_clients=runtime.settings.auth.model_management == "clients",
+            ),
+            passthrough=Passthrough(
+                runtime.registry,
+                runtime.upstream,
+                account_backend=runtime.settings.account.backend,
+                admin_key=runtime.admin_key,
+                max_body_bytes=int(runtime.settings.server.max_body_mb * 1_000_000),
             ),
             clients=runtime.clients,
             max_body_bytes=int(runtime.settings.server.max_body_mb * 1_000_000),

@@ -184,6 +184,12 @@ def validate_keep_alive(value: Any) -> int | float | str:
     return int(seconds) if seconds.is_integer() else seconds
 
 
+class AccountSettings(_Section):
+    # The backend whose Ollama account /api/me, /api/signout, /api/user/keys and /api/status
+    # act on (None: the first healthy backend in config order).
+    backend: str | None = None
+
+
 class AuthSettings(_Section):
     admin_key_file: Path | None = None
     client_keys_file: Path | None = None
@@ -300,6 +306,7 @@ class Settings(BaseSettings):
     gpu: GpuSettings = GpuSettings()
     auth: AuthSettings = AuthSettings()
     placement: PlacementSettings = PlacementSettings()
+    account: AccountSettings = AccountSettings()
     backends: list[BackendSettings] = []
     # Secrets: environment (CORRAL_ADMIN_KEY, CORRAL_CLIENT_KEYS) or [auth] files only.
     admin_key: SecretStr | None = None

@@ -181,3 +181,38 @@ def test_anthropic_client_with_and_without_a_key(secured: Any) -> None:
         assert right.messages.create(**body).content
     finally:
         right.close()
+
+
+def test_account_routes_need_the_admin_key_web_routes_a_client_key(secured: Any) -> None:
+    """/api/me, /api/signout, /api/user/keys/{key} and /api/status act on the backend's
+    ollama.com account: the admin key only; the experimental web routes take a client key;
+    both answer as the backend does."""
+    corral, sim = secured
+    team = {"Authorization": f"Bearer {TEAM}"}
+    admin = {"X-API-Key": ADMIN}
+    with httpx.Client(base_url=corral.url) as c:
+        for method, path in (
+            ("POST", "/api/me"),
+            ("POST", "/api/signout"),
+            ("DELETE", "/api/user/keys/c3NoLWVkMjU1MTk"),
+            ("GET", "/api/status"),
+        ):
+            assert c.request(method, path, headers=team).status_code == 401, path
+            assert c.request(method, path).status_code == 401, path
+        me = c.post("/api/me", headers=admin)
+        assert (me.status_code, me.json()["name"]) == (200, "sim")
+        assert me.headers["x-corral-backend"] == "a"
+        assert c.get("/api/status", headers=admin).json() == {
+            "cloud": {"disabled": False, "source": "default"}
+        }
+        assert c.delete("/api/user/keys/c3NoLWVkMjU1MTk", headers=admin).status_code == 200
+        body = {"query": "what is ollama", "max_results": 2}
+        assert c.post("/api/experimental/web_search", json=body).status_code == 401
+        found = c.post("/api/experimental/web_search", json=body, headers=team)
+        assert (found.status_code, found.json()) == (200, {"results": []})
+        empty = c.post("/api/experimental/web_fetch", content=b" ", headers=team)
+        assert (empty.status_code, empty.json()) == (400, {"error": "missing request body"})
+        assert c.get("/api/experimental/model-recommendations", headers=team).status_code == 200
+    stats = sim.stats()["by_route"]
+    assert stats["/api/me"] == 1
+    assert stats["/api/experimental/web_search"] == 1

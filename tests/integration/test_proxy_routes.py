@@ -234,3 +234,22 @@ def test_a_local_suffix_is_the_local_model(fleet: Any) -> None:
         other = client.post("/api/generate", json={**body, "model": "llama3.2:local"})
         assert other.status_code == 404
         assert other.json() == {"error": "model 'llama3.2:local' not found"}
+
+
+def test_account_routes_go_to_the_account_backend(sim_factory: Any, corral_factory: Any) -> None:
+    """With `[account] backend = "gpu1"` the account routes reach gpu1 only (loopback needs no
+    admin key when none is set); when it is down they answer 503, not another account."""
+    a, b = sim_factory(name="a"), sim_factory(name="b")
+    corral = corral_factory(
+        [{"id": "gpu0", "url": a.url}, {"id": "gpu1", "url": b.url}],
+        account={"backend": "gpu1"},
+    )
+    with corral.client() as client:
+        for _ in range(3):
+            me = client.post("/api/me")
+            assert (me.status_code, me.headers["x-corral-backend"]) == (200, "gpu1")
+        corral.call(lambda: setattr(corral.runtime.registry.get("gpu1"), "healthy", False))
+        down = client.post("/api/me")
+        assert down.status_code == 503
+        assert down.json() == {"error": "the account backend 'gpu1' is down"}
+    assert "/api/me" not in a.stats()["by_route"]

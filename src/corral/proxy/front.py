@@ -36,6 +36,7 @@ from corral.metrics import Metrics
 from corral.proxy.fanout import FanOut
 from corral.proxy.forward import Forwarder
 from corral.proxy.listing import Listing
+from corral.proxy.passthrough import ACCOUNT, ACCOUNT_PREFIX, WEB, Passthrough
 from corral.proxy.relay import TEXT, Reply, method_not_allowed, not_found, send_bytes
 from corral.proxy.request import Result, Route, RoutedRequest
 from corral.shapes import Shape
@@ -116,6 +117,7 @@ class OllamaFront:
         listing: Listing,
         metrics: Metrics,
         fanout: FanOut,
+        passthrough: Passthrough,
         clients: ClientAuth,
         max_body_bytes: int,
     ) -> None:
@@ -131,6 +133,9 @@ class OllamaFront:
             **{path: Entry(("POST",), self.routed) for path in ROUTED},
             **{path: Entry(methods, self.aggregated) for path, methods in AGGREGATED.items()},
             **{path: Entry(methods, self.manage) for path, methods in MANAGEMENT.items()},
+            # Account routes need the admin key, checked by the handler: no client key.
+            **{p: Entry(m, passthrough.account, keyed=False) for p, m in ACCOUNT.items()},
+            **{path: Entry(methods, passthrough.web) for path, methods in WEB.items()},
             "/": Entry(("GET", "HEAD"), self.root, keyed=False),
             "/api/version": Entry(("GET", "HEAD"), self.version, keyed=False),
         }
@@ -138,6 +143,7 @@ class OllamaFront:
         self.prefixes: list[tuple[str, Entry]] = [
             ("/v1/models/", Entry(("GET",), self.retrieve_model)),
             ("/api/blobs/", Entry(("HEAD", "POST"), self.manage)),
+            (ACCOUNT_PREFIX, Entry(("DELETE",), passthrough.account, keyed=False)),
         ]
 
     def entry(self, path: str) -> Entry | None:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from corral.asgi import Receive, Scope, Send, zstd_decoded
 from corral.shapes import Shape
-from corral.sim import compat, control, manage, native, v1
+from corral.sim import account, compat, control, manage, native, v1
 from corral.sim.config import SimConfig
 from corral.sim.core import Sim
 from corral.sim.stats import RequestRecord
@@ -61,6 +61,13 @@ def _table() -> dict[str, dict[str, Route]]:
             r("/api/copy", manage.copy, "POST"),
             r("/api/delete", manage.delete, "DELETE"),
             r("/api/blobs/{digest}", manage.blob, "HEAD", "POST"),
+            r("/api/status", account.status, "GET"),
+            r("/api/me", account.whoami, "POST"),
+            r("/api/signout", account.signout, "POST"),
+            r("/api/user/keys/{key}", account.signout, "DELETE"),
+            r("/api/experimental/web_search", account.web_search, "POST"),
+            r("/api/experimental/web_fetch", account.web_fetch, "POST"),
+            r("/api/experimental/model-recommendations", account.recommendations, "GET"),
             r("/v1/chat/completions", v1.chat_completions, "POST", watch=True, openai=True),
             r("/v1/completions", v1.completions, "POST", watch=True, openai=True),
             r("/v1/embeddings", v1.v1_embeddings, "POST", watch=True, openai=True),
@@ -80,7 +87,11 @@ def _table() -> dict[str, dict[str, Route]]:
 
 _ROUTES = _table()
 # Routes with one path parameter that, like Gin's ":param", never spans a "/".
-_PARAM_ROUTES = (("/api/blobs/", "/api/blobs/{digest}"), ("/v1/models/", "/v1/models/{model}"))
+_PARAM_ROUTES = (
+    ("/api/blobs/", "/api/blobs/{digest}"),
+    ("/v1/models/", "/v1/models/{model}"),
+    ("/api/user/keys/", "/api/user/keys/{key}"),
+)
 _BODY_METHODS = frozenset(("POST", "PUT", "DELETE", "PATCH"))
 _INTERNAL = RequestRecord("/_sim", "", None, "")
 
