@@ -164,7 +164,17 @@ async def test_tags_and_show(client: httpx.AsyncClient) -> None:
     capabilities and modified_at."""
     tags = (await client.get("/api/tags")).json()["models"]
     assert [m["name"] for m in tags] == ["llama3.2:latest", "qwen2.5:7b", "all-minilm:latest"]
-    assert list(tags[0]) == ["name", "model", "modified_at", "size", "digest", "details"]
+    # Ollama 0.33's ListModelResponse field order, capabilities included
+    assert list(tags[0]) == [
+        "name",
+        "model",
+        "modified_at",
+        "size",
+        "digest",
+        "details",
+        "capabilities",
+    ]
+    assert tags[0]["capabilities"] == ["completion", "tools"]
     assert re.fullmatch(r"[0-9a-f]{64}", tags[0]["digest"])
     assert LOCAL_TIME.match(tags[0]["modified_at"])
     show = (await client.post("/api/show", json={"model": "llama3.2"})).json()
@@ -289,3 +299,18 @@ async def test_check_host(host: str, status: int) -> None:
     assert r.status_code == status
     if status == 403:
         assert r.content == b""
+
+
+async def test_null_options_are_ignored(client: httpx.AsyncClient) -> None:
+    """Options sent as null (LangChain's OllamaEmbeddings does) are skipped, as Ollama's
+    option parsing skips them, instead of a 500."""
+    options = {"num_ctx": None, "temperature": None, "num_predict": None}
+    emb = await client.post(
+        "/api/embed", json={"model": "all-minilm", "input": "hi", "options": options}
+    )
+    assert emb.status_code == 200, emb.text
+    gen = await client.post(
+        "/api/generate",
+        json={"model": "llama3.2", "prompt": "hi", "stream": False, "options": options},
+    )
+    assert gen.status_code == 200, gen.text

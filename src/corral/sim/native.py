@@ -102,10 +102,12 @@ _INT_OPTIONS = frozenset(
 
 def _options(body: dict[str, Any]) -> dict[str, Any]:
     """The request's Modelfile options; an integer option of another type fails the way
-    Ollama's option parsing does (unknown keys are ignored)."""
+    Ollama's option parsing does (unknown keys and null values are ignored)."""
     options = body.get("options")
     if not isinstance(options, dict):
         return {}
+    # A null value is skipped, as Ollama's Options.FromMap does (LangChain sends nulls).
+    options = {k: v for k, v in options.items() if v is not None}
     for key, value in options.items():
         if key in _INT_OPTIONS and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise HTTPError(500, f'option "{key}" must be of type integer')

@@ -54,6 +54,7 @@ class Store:
                 "size": m.size_bytes,
                 "digest": m.digest,
                 "details": details_of(m),
+                "capabilities": list(m.capabilities),  # Ollama 0.33's ListModelResponse
             }
             for m in models
         ]
