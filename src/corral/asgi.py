@@ -66,6 +66,37 @@ def zstd_decoded(body: bytes, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def form_field(body: bytes, content_type: str, name: str) -> str | None:
+    """The text of field ``name`` in a ``multipart/form-data`` body (None when absent or not
+    multipart). Found by scanning: the upload is neither parsed into parts nor copied."""
+    ctype, _, params = content_type.partition(";")
+    if ctype.strip().lower() != "multipart/form-data":
+        return None
+    boundary = None
+    for param in params.split(";"):
+        key, _, given = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = given.strip().strip('"')
+    if not boundary:
+        return None
+    delimiter = b"--" + boundary.encode("latin-1")
+    wanted = (f'name="{name}"').encode()
+    start = body.find(delimiter)
+    while start >= 0:
+        head_end = body.find(b"\r\n\r\n", start)
+        if head_end < 0:
+            return None
+        following = body.find(delimiter, head_end)
+        if following < 0:
+            return None
+        head = body[start:head_end]
+        if wanted in head and b"filename=" not in head:
+            found = body[head_end + 4 : following]
+            return found.removesuffix(b"\r\n").decode("utf-8", "replace")
+        start = following
+    return None
+
+
 async def disconnected(receive: Receive) -> None:
     """Return once the client has gone away (request body messages are skipped)."""
     while (await receive())["type"] != "http.disconnect":

@@ -142,3 +142,17 @@ def test_anthropic_messages(corral: Any) -> None:
         }
     finally:
         client.close()
+
+
+def test_openai_audio_transcription(corral: Any) -> None:
+    """The openai package's audio.transcriptions: the multipart upload is routed by its model
+    field and answered; an unknown model raises NotFoundError."""
+    client = openai.OpenAI(base_url=f"{corral.url}/v1", api_key="unused", max_retries=0)
+    audio = ("speech.wav", b"RIFF" + b"\0" * 40_000, "audio/wav")
+    try:
+        done = client.audio.transcriptions.create(model="llama3.2", file=audio)
+        assert done.text
+        with pytest.raises(openai.NotFoundError):
+            client.audio.transcriptions.create(model="nope", file=audio)
+    finally:
+        client.close()

@@ -253,3 +253,19 @@ def test_account_routes_go_to_the_account_backend(sim_factory: Any, corral_facto
         assert down.status_code == 503
         assert down.json() == {"error": "the account backend 'gpu1' is down"}
     assert "/api/me" not in a.stats()["by_route"]
+
+
+def test_audio_uploads_have_their_own_limit(fleet: Any) -> None:
+    """A transcription upload may exceed server.max_body_mb (20 MB) up to OpenAI's 25 MB; past
+    that, or without a model field, corral answers in OpenAI's shape itself."""
+    corral, _, _ = fleet
+    url = "/v1/audio/transcriptions"
+    with corral.client() as client:
+        big = client.post(url, data={"model": "llama3.2"}, files={"file": b"\0" * 21_000_000})
+        assert big.status_code == 200, big.text[:300]
+        too_big = client.post(url, data={"model": "x"}, files={"file": b"\0" * 27_000_000})
+        assert too_big.status_code == 413
+        assert "this route's own" in too_big.json()["error"]["message"]
+        nameless = client.post(url, files={"file": b"\0" * 10})
+        assert nameless.status_code == 400
+        assert nameless.json()["error"]["message"] == "model is required"

@@ -22,6 +22,7 @@ from corral.asgi import (
     Receive,
     Scope,
     Send,
+    form_field,
     header,
     request_id,
     zstd_decoded,
@@ -64,6 +65,9 @@ MANAGEMENT = {
     "/api/delete": ("DELETE",),
 }
 _RETRIEVE = Route("v1_models_retrieve", "openai")
+TRANSCRIPTIONS = Route("v1_audio_transcriptions", "openai")
+# An upload's own limit: OpenAI's for an audio file, whatever server.max_body_mb says.
+AUDIO_MAX_BYTES = 25 * 1024 * 1024 + 64 * 1024  # 25 MiB of audio and the form around it
 # Request headers that are not forwarded: they belong to one connection (RFC 9110 §7.6.1),
 # corral sets them itself, or they carry corral's own keys.
 HOP_BY_HOP = frozenset(
@@ -136,6 +140,7 @@ class OllamaFront:
             # Account routes need the admin key, checked by the handler: no client key.
             **{p: Entry(m, passthrough.account, keyed=False) for p, m in ACCOUNT.items()},
             **{path: Entry(methods, passthrough.web) for path, methods in WEB.items()},
+            "/v1/audio/transcriptions": Entry(("POST",), self.transcription),
             "/": Entry(("GET", "HEAD"), self.root, keyed=False),
             "/api/version": Entry(("GET", "HEAD"), self.version, keyed=False),
         }
@@ -319,6 +324,28 @@ class OllamaFront:
         except ValueError as exc:
             raise RequestError(str(exc)) from None
 
+    async def transcription(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/audio/transcriptions``: a multipart upload whose ``model`` field routes
+        it, forwarded as it came."""
+        started = time.perf_counter()
+        rid = request_id(scope)
+        reply = Reply(send, rid, "openai")
+        try:
+            body = await self._read_body(scope, receive, max(AUDIO_MAX_BYTES, self.max_body_bytes))
+            if body is None:
+                return
+            model = form_field(body, header(scope, b"content-type") or "", "model")
+            if not model or not model.strip():
+                raise RequestError("model is required")
+            rank = self._rank(scope)
+        except RequestError as exc:
+            extra = [(b"connection", b"close")] if exc.status == 413 else None
+            await reply.error(exc.status, str(exc), extra)
+            return
+        request = self._request(scope, TRANSCRIPTIONS, rid, started, body, model, rank)
+        request.stream = False
+        await self._serve(request, receive, reply)
+
     async def retrieve_model(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``GET /v1/models/{model}``: routed to a backend that has the model."""
         model = scope["path"][len("/v1/models/") :]
@@ -388,9 +415,12 @@ class OllamaFront:
         scope["corral.client"] = client
         return True
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        """The whole request body (None: the client left); RequestError 413 past the limit."""
-        limit = self.max_body_bytes
+    async def _read_body(
+        self, scope: Scope, receive: Receive, limit: int | None = None
+    ) -> bytes | None:
+        """The whole request body (None: the client left); RequestError 413 past the limit
+        (``server.max_body_mb`` unless told otherwise)."""
+        limit = limit or self.max_body_bytes
         for key, value in scope["headers"]:
             if key == b"content-length":
                 try:
@@ -398,12 +428,12 @@ class OllamaFront:
                 except ValueError:
                     declared = 0
                 if declared > limit:
-                    raise self._too_large()
+                    raise self._too_large(limit)
         message = await receive()
         if not message.get("more_body", False) and message["type"] == "http.request":
             body: bytes = message.get("body", b"")
             if len(body) > limit:
-                raise self._too_large()
+                raise self._too_large(limit)
             return body
         chunks: list[bytes] = []
         size = 0
@@ -414,16 +444,17 @@ class OllamaFront:
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    raise self._too_large()
+                    raise self._too_large(limit)
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
             message = await receive()
 
-    def _too_large(self) -> RequestError:
-        mb = self.max_body_bytes / 1_000_000
+    def _too_large(self, limit: int | None = None) -> RequestError:
+        limit = limit or self.max_body_bytes
+        which = "server.max_body_mb" if limit == self.max_body_bytes else "this route's own"
         return RequestError(
-            f"request body too large: the limit is {mb:g} MB (server.max_body_mb)", 413
+            f"request body too large: the limit is {limit / 1_000_000:g} MB ({which})", 413
         )
 
     @staticmethod

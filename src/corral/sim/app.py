@@ -72,6 +72,7 @@ def _table() -> dict[str, dict[str, Route]]:
             r("/v1/completions", v1.completions, "POST", watch=True, openai=True),
             r("/v1/embeddings", v1.v1_embeddings, "POST", watch=True, openai=True),
             r("/v1/responses", compat.responses, "POST", watch=True, openai=True),
+            r("/v1/audio/transcriptions", compat.transcriptions, "POST", watch=True, openai=True),
             r("/v1/messages", compat.messages, "POST", watch=True, anthropic=True),
             r("/v1/models", v1.list_models, "GET", openai=True),
             r("/v1/models/{model}", v1.retrieve_model, "GET", openai=True),

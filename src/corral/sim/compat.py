@@ -9,6 +9,7 @@ import random
 import time
 from typing import Any
 
+from corral.asgi import form_field
 from corral.sim.core import Job, Sim, end_by_fault, num_predict
 from corral.sim.text import chat_tokens, text_of, token
 from corral.sim.v1 import lookup
@@ -241,3 +242,27 @@ async def messages(sim: Sim, ex: Exchange) -> None:
             + _event("message_stop", {"type": "message_stop"})
         )
         await ex.end(tail, SSE_TYPE)
+
+
+# OpenAI audio transcriptions ----------------------------------------------------------------
+
+
+async def transcriptions(sim: Sim, ex: Exchange) -> None:
+    """POST /v1/audio/transcriptions (multipart: ``model``, ``file``): the "transcript" is the
+    configured answer, after a prompt as long as the upload (a token per 4 KiB)."""
+    content_type = ""
+    for key, value in ex.scope["headers"]:
+        if key == b"content-type":
+            content_type = value.decode("latin-1")
+    raw_name = form_field(ex.raw, content_type, "model") or ""
+    body = {"model": raw_name}
+    raw_name, key, model = lookup(sim, ex, body)
+    n, _ = num_predict({}, sim.config.tokens)
+    tokens = ("audio",) * max(1, len(ex.raw) // 4096)
+    async with Job(sim, ex, key, model, None, {}) as job:
+        await job.prompt(tokens)
+        fault = await job.tokens(n, None)
+        if fault is not None:
+            await end_by_fault(ex, fault, b"")
+            return
+        await ex.json({"text": text_of(n)})
