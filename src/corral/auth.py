@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from corral.asgi import Headers, Scope, header
+
 
 def is_loopback(host: str | None) -> bool:
     try:
@@ -41,6 +43,22 @@ def admin_denial(
     if given is not None and hmac.compare_digest(given.encode(), key.encode()):
         return None
     return 401, "unauthorized"
+
+
+def admin_refusal(key: str | None, scope: Scope) -> tuple[int, str, Headers] | None:
+    """:func:`admin_denial` for an ASGI request: (status, message, headers to add), or None
+    when the caller may use an admin-only route."""
+    client = scope.get("client")
+    denied = admin_denial(
+        key,
+        header(scope, b"x-api-key"),
+        header(scope, b"authorization"),
+        client[0] if client else None,
+    )
+    if denied is None:
+        return None
+    status, message = denied
+    return status, message, [(b"www-authenticate", b"Bearer")] if status == 401 else []
 
 
 # Client keys ------------------------------------------------------------------------------

@@ -293,6 +293,20 @@ def test_time_queued_in_corral_does_not_count_against_the_backend(
     assert entry["ttft_ewma_s"] < 0.25
 
 
+def slot_taken_and_one_queued(corral: Any) -> list[threading.Thread]:
+    """Two requests for GEN's model against one slot: one served (slowly), one queued."""
+
+    def hold() -> None:
+        with corral.client() as client:
+            client.post("/api/generate", json=GEN)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for holder in holders:
+        holder.start()
+    assert poll(lambda: corral.call(lambda: corral.runtime.admission.queued) == 1, 5)
+    return holders
+
+
 def test_unknown_model_is_404_at_once_while_others_queue(
     sim_factory: Any, corral_factory: Any
 ) -> None:
@@ -303,14 +317,7 @@ def test_unknown_model_is_404_at_once_while_others_queue(
         [{"id": "a", "url": sim.url, "max_concurrent": 1}], queue={"timeout_s": 30}
     )
 
-    def hold() -> None:
-        with corral.client() as client:
-            client.post("/api/generate", json=GEN)
-
-    holders = [threading.Thread(target=hold) for _ in range(2)]
-    for holder in holders:
-        holder.start()
-    assert poll(lambda: corral.call(lambda: corral.runtime.admission.queued) == 1, 5)
+    holders = slot_taken_and_one_queued(corral)
     with corral.client(timeout=5) as client:  # far below the queue's 30 s
         native = client.post("/api/generate", json={"model": "no-such-model", "prompt": "x"})
         assert native.status_code == 404
@@ -337,14 +344,7 @@ def test_a_cloud_model_passes_through_without_a_gpu_slot(
         queue={"timeout_s": 30},
     )
 
-    def hold() -> None:
-        with corral.client() as client:
-            client.post("/api/generate", json=GEN)
-
-    holders = [threading.Thread(target=hold) for _ in range(2)]
-    for holder in holders:
-        holder.start()
-    assert poll(lambda: corral.call(lambda: corral.runtime.admission.queued) == 1, 5)
+    holders = slot_taken_and_one_queued(corral)
     with corral.client(timeout=5) as client:  # the local requests take 2 s each
         body = {"model": "gpt-oss:20b-cloud", "prompt": "x", "stream": False, "options": {}}
         resp = client.post("/api/generate", json={**body, "options": {"num_predict": 2}})

@@ -45,7 +45,7 @@ from urllib.parse import parse_qs
 import structlog
 
 from corral.asgi import Headers, Receive, Scope, Send, header, unless_gone
-from corral.auth import admin_denial
+from corral.auth import admin_refusal
 from corral.errors import CorralError, UnknownBackendError, UpstreamError, UpstreamTimeoutError
 from corral.fleet.backends import BackendRegistry, BackendState
 from corral.fleet.health import HealthChecker
@@ -191,17 +191,9 @@ class FanOut:
     def _authorize(self, scope: Scope) -> None:
         if self.open_to_clients:
             return
-        client = scope.get("client")
-        denied = admin_denial(
-            self.admin_key,
-            header(scope, b"x-api-key"),
-            header(scope, b"authorization"),
-            client[0] if client else None,
-        )
-        if denied is not None:
-            status, message = denied
-            extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
-            raise _RefusedError(status, message, extra)
+        refused = admin_refusal(self.admin_key, scope)
+        if refused is not None:
+            raise _RefusedError(*refused)
 
     def skipped(self, targets: list[BackendState], scope: Scope) -> list[str]:
         """Backends left out of an operation meant for the whole fleet (none when the client

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 
-from corral.asgi import Headers, Receive, Scope, Send, header, request_id
-from corral.auth import admin_denial
+from corral.asgi import Headers, Receive, Scope, Send, request_id
+from corral.auth import admin_refusal
 from corral.errors import NoBackendError, RequestError, RoutingError, UpstreamError
 from corral.fleet.backends import BackendRegistry, BackendState
 from corral.proxy.relay import Reply
@@ -51,17 +51,9 @@ class Passthrough:
     async def account(self, scope: Scope, receive: Receive, send: Send) -> None:
         """An account route: the admin's, on the account backend."""
         reply = Reply(send, request_id(scope))
-        client = scope.get("client")
-        denied = admin_denial(
-            self.admin_key,
-            header(scope, b"x-api-key"),
-            header(scope, b"authorization"),
-            client[0] if client else None,
-        )
-        if denied is not None:
-            status, message = denied
-            extra = [(b"www-authenticate", b"Bearer")] if status == 401 else None
-            await reply.error(status, message, extra)
+        refused = admin_refusal(self.admin_key, scope)
+        if refused is not None:
+            await reply.error(*refused)
             return
         try:
             backend = self._account()
