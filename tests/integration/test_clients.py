@@ -90,7 +90,7 @@ def test_openai_client(corral: Any) -> None:
 
 
 def test_openai_responses(corral: Any) -> None:
-    """The openai package's Responses API (what Codex CLI speaks), streamed and not, through
+    """The openai package's Responses API (what OpenAI's newer clients speak), streamed and not, through
     corral; an unknown model raises its NotFoundError."""
     client = openai.OpenAI(base_url=f"{corral.url}/v1", api_key="unused")
     try:
@@ -110,7 +110,7 @@ def test_openai_responses(corral: Any) -> None:
 
 
 def test_anthropic_messages(corral: Any) -> None:
-    """The anthropic package's Messages API (what Claude Code speaks), streamed and not,
+    """The anthropic package's Messages API (what Anthropic's clients speak), streamed and not,
     through corral; an unknown model raises its NotFoundError from corral's own 404."""
     client = anthropic.Anthropic(base_url=corral.url, api_key="unused")
     try:

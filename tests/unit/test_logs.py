@@ -66,11 +66,11 @@ def test_library_lines_are_json_in_a_json_log(capfd: Any) -> None:
     configure_logging("info", "json")
     try:
         # (uvicorn's own logger may carry another test's handlers: a fresh name stands in)
-        logging.getLogger("a.library").info("Started server process [%d]", 42)
+        logging.getLogger("some.dependency").info("Started server process [%d]", 42)
         err = capfd.readouterr().err.strip().splitlines()
         line = json.loads(err[-1])
         assert line["event"] == "Started server process [42]"
-        assert (line["logger"], line["level"]) == ("a.library", "info")
+        assert (line["logger"], line["level"]) == ("some.dependency", "info")
         assert line["timestamp"].endswith("Z")
     finally:
         structlog.reset_defaults()
