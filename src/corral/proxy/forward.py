@@ -122,7 +122,8 @@ class Forwarder:
                     continue
                 result.backend = backend.id
                 self._judge(backend, None, result)
-                self._learn(backend, key, request, result, cold, first_at - dispatched)
+                served = lease.served_s or 0.0
+                self._learn(backend, key, request, result, cold, first_at - dispatched, served)
                 return
         finally:
             for backend, _ in refused:
@@ -202,12 +203,11 @@ class Forwarder:
         result: Result,
         cold: bool,
         first_s: float,
+        served: float,
     ) -> None:
         """What the answer says of the backend: its speed (from dispatch, so time in corral's
         queue does not make it look slow), prompt tokens and cache hits (counted), its load
         speed after a cold load, its prefill speed, and the conversation's context size."""
-        now = time.perf_counter()
-        served = now - (request.started + (result.ttft_s or 0.0) - first_s)
         backend.last_response_time = served
         prev = backend.avg_response_time
         backend.avg_response_time = served if prev is None else prev * 0.9 + served * 0.1
