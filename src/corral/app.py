@@ -14,7 +14,6 @@ from corral.admin.ui import ui_routes
 from corral.asgi import Receive, Scope, Send
 from corral.config import Settings
 from corral.fleet.gpu import GpuSampler
-from corral.proxy.fanout import FanOut
 from corral.proxy.front import OllamaFront
 from corral.proxy.listing import Listing
 from corral.proxy.passthrough import Passthrough
@@ -73,13 +72,7 @@ class CorralApp:
                 runtime.registry, runtime.upstream, runtime.settings.health.timeout_s + 3
             ),
             metrics=runtime.metrics,
-            fanout=FanOut(
-                runtime.registry,
-                runtime.upstream,
-                runtime.health,
-                admin_key=runtime.admin_key,
-                open_to_clients=runtime.settings.auth.model_management == "clients",
-            ),
+            fanout=runtime.fanout,
             passthrough=Passthrough(
                 runtime.registry,
                 runtime.upstream,

@@ -161,6 +161,20 @@ class Metrics:
             ["action", "backend"],
             registry=r,
         )
+        self.replays = Counter(
+            "corral_model_replays",
+            "Fleet-wide pull, delete and copy operations replayed on a backend that missed "
+            "them (down, draining, failed), by outcome: done, failed (tried again later), "
+            "abandoned (given up).",
+            ["backend", "action", "outcome"],
+            registry=r,
+        )
+        self.replays_pending = Gauge(
+            "corral_model_replays_pending",
+            "Fleet-wide model operations a backend still owes (replayed once it is available).",
+            ["backend"],
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "corral_event_loop_lag_seconds",
             "How late the event loop ran a timer (sampled every 0.05 s): every request waits this.",

@@ -18,9 +18,11 @@ from corral.fleet.gpu.poller import GpuPoller
 from corral.fleet.health import HealthChecker
 from corral.fleet.inventory import ResidencyCollector
 from corral.fleet.placement import PlacementManager, http_sender
+from corral.fleet.replays import ReplayLedger
 from corral.fleet.state import StateFile
 from corral.lifecycle import Lifecycle
 from corral.metrics import Metrics
+from corral.proxy.fanout import FanOut
 from corral.proxy.forward import Forwarder
 from corral.systemd import sd_notify
 from corral.upstream import Upstream
@@ -44,7 +46,10 @@ class Runtime:
         self.metrics = Metrics()
         self.registry = BackendRegistry(BackendState.from_settings(b) for b in settings.backends)
         self.upstream = upstream or Upstream(settings.timeouts)
-        self.health = HealthChecker(self.registry, self.upstream, settings.health, self.metrics)
+        self.ledger = ReplayLedger(on_change=self._replays_changed)
+        self.health = HealthChecker(
+            self.registry, self.upstream, settings.health, self.metrics, hidden=self.ledger.hidden
+        )
         self.router = Router(self.registry, settings.balancer, metrics=self.metrics)
         self.metrics.registry.register(ResidencyCollector(self.registry))
         self.metrics.watch_slots(
@@ -86,6 +91,15 @@ class Runtime:
             self.metrics,
             settings.balancer,
         )
+        self.fanout = FanOut(
+            self.registry,
+            self.upstream,
+            self.health,
+            admin_key=self.admin_key,
+            open_to_clients=settings.auth.model_management == "clients",
+            ledger=self.ledger,
+            metrics=self.metrics,
+        )
         self.lifecycle = Lifecycle()
         self.draining = False
         self.metrics.set_strategy(self.router.strategy_name)
@@ -97,7 +111,11 @@ class Runtime:
         """Re-register the backends the state file remembers (dynamic ones must heartbeat)."""
         if self.state is None:
             return
-        for record in self.state.load():
+        saved = self.state.load()
+        if owed := self.ledger.restore(saved.replays):
+            log.info("model operations owed by backends restored from state file", count=owed)
+            self._count_owed()
+        for record in saved.backends:
             try:
                 ttl = record.get("ttl_s")
                 cfg = BackendSettings.model_validate(
@@ -116,6 +134,7 @@ class Runtime:
         if backend is None:
             return
         if event == "removed":
+            self.ledger.forget(backend.id)
             self.metrics.forget_backend(backend.id)
             self.router.demand.forget(backend.id)
             log.info("backend removed", backend=backend.id)
@@ -128,7 +147,24 @@ class Runtime:
             and backend.registered
             and event in ("added", "removed", "updated")
         ):
-            self.state.save(self.registry.all())
+            self._save()
+
+    def _save(self) -> None:
+        if self.state is not None:
+            self.state.save(self.registry.all(), self.ledger.records())
+
+    def _replays_changed(self) -> None:
+        self._count_owed()
+        self._save()
+
+    def _count_owed(self) -> None:
+        owed: dict[str, int] = {}
+        for replay in self.ledger.all():
+            owed[replay.backend] = owed.get(replay.backend, 0) + 1
+        gauge = self.metrics.replays_pending
+        gauge.clear()
+        for backend_id, count in owed.items():
+            gauge.labels(backend=backend_id).set(count)
 
     def set_strategy(self, name: str) -> None:
         old = self.router.strategy_name
@@ -156,6 +192,7 @@ class Runtime:
         self.lifecycle.start("health", self.health.run())
         self.lifecycle.start("gpus", self.gpus.run())
         self.lifecycle.start("loop-lag", self._watch_loop_lag())
+        self.lifecycle.start("replays", self.fanout.run_replays())
         if self.settings.placement.enabled and self.placement.priority:
             self.lifecycle.start("placement", self.placement.run())
         placement = self.settings.placement
@@ -218,6 +255,7 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.lifecycle.stop()
+        await self.fanout.stop_replays()
         self.gpus.close()
         await self.upstream.close()
         log.info("corral stopped")

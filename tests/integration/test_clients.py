@@ -90,8 +90,8 @@ def test_openai_client(corral: Any) -> None:
 
 
 def test_openai_responses(corral: Any) -> None:
-    """The openai package's Responses API (what OpenAI's newer clients speak), streamed and not, through
-    corral; an unknown model raises its NotFoundError."""
+    """The openai package's Responses API (what OpenAI's newer clients speak), streamed and
+    not, through corral; an unknown model raises its NotFoundError."""
     client = openai.OpenAI(base_url=f"{corral.url}/v1", api_key="unused")
     try:
         done = client.responses.create(model="llama3.2", input="Why is the sky blue?")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -287,3 +288,94 @@ def test_client_disconnect_cancels_every_pull(sim_factory: Any, corral_factory: 
         assert first["backend"] in {"a", "b"}
     assert poll(lambda: a.stats()["cancelled"] == 1 and b.stats()["cancelled"] == 1, 5)
     assert "mistral:latest" not in names(a) | names(b)
+
+
+def test_a_delete_missed_while_down_is_replayed_when_the_backend_returns(
+    sim_factory: Any, corral_factory: Any
+) -> None:
+    """b crashes; a fleet delete names it as skipped; the models view and `corral models`
+    show the delete b owes; b restarts still holding the model, and corral deletes it there
+    instead of listing and serving it again."""
+    from corral.cli.models import replays_table
+    from corral.sim.harness import SimProcess
+
+    a = sim_factory(name="a")
+    b = SimProcess(name="b").start()
+    try:
+        corral = corral_factory([{"id": "a", "url": a.url}, {"id": "b", "url": b.url}])
+        model = "qwen2.5:7b"
+        with corral.client() as client:
+
+            def up(bid: str) -> bool:
+                backends = client.get("/api/v1/loadbalancer/backends").json()["backends"]
+                return next(e for e in backends if e["instance_id"] == bid)["healthy"]
+
+            b.kill()
+            assert poll(lambda: not up("b"), 10)
+            gone = client.request("DELETE", "/api/delete", json={"model": model})
+            assert (gone.status_code, gone.json()) == (200, {"skipped": ["b"]})
+            assert model not in names(a)
+            view = client.get("/api/v1/loadbalancer/models").json()
+            [owed] = view["replays"]
+            assert (owed["backend"], owed["action"], owed["model"]) == ("b", "delete", model)
+            assert owed["reason"] == "down"
+            printed = render_text(replays_table(view["replays"]))
+            assert "b" in printed
+            assert "delete" in printed
+            assert model in printed
+
+            b = SimProcess(name="b", port=b.port).start()  # back, with the model on disk
+            assert poll(lambda: not client.get("/api/v1/loadbalancer/models").json()["replays"], 10)
+            assert model not in names(b)
+            assert model not in {m["name"] for m in client.get("/api/tags").json()["models"]}
+            asked = client.post("/api/generate", json={"model": model, "prompt": "hi"})
+            assert asked.status_code == 404
+            assert "corral_model_replays_total" in client.get("/metrics").text
+    finally:
+        b.stop()
+
+
+def render_text(table: Any) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+def test_a_request_for_a_model_being_pulled_waits_for_it(
+    sim_factory: Any, corral_factory: Any
+) -> None:
+    """While a fleet pull brings gemma3:1b, a chat for it waits (not Ollama's 404) and is
+    answered once the model is there; a pull that fails ends such waits with the 404."""
+    a = sim_factory(name="a", pull_delay_s=0.05)
+    corral = corral_factory([{"id": "a", "url": a.url}])
+    pulled: list[int] = []
+    with corral.client() as client:
+
+        def pull(model: str) -> None:
+            with corral.client() as puller:
+                answer = puller.post("/api/pull", json={"model": model, "stream": False})
+                pulled.append(answer.status_code)
+
+        worker = threading.Thread(target=pull, args=("gemma3:1b",))
+        worker.start()
+        assert poll(lambda: corral.call(lambda: "gemma3:1b" in corral.runtime.registry.coming), 5)
+        chat = client.post(
+            "/api/chat",
+            json={"model": "gemma3:1b", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        worker.join(30)
+        assert pulled == [200]
+        assert chat.status_code == 200, chat.text
+
+        worker = threading.Thread(target=pull, args=("doesnotexist:1b",))
+        worker.start()
+        assert poll(
+            lambda: corral.call(lambda: "doesnotexist:1b" in corral.runtime.registry.coming), 5
+        )
+        lost = client.post("/api/generate", json={"model": "doesnotexist:1b", "prompt": "hi"})
+        worker.join(30)
+        assert lost.status_code == 404
+        assert lost.json() == {"error": "model 'doesnotexist:1b' not found"}

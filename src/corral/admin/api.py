@@ -280,7 +280,11 @@ async def gpus(runtime: RuntimeDep) -> dict[str, Any]:
 @router.get("/models")
 async def models(runtime: RuntimeDep) -> dict[str, Any]:
     """Every model a backend has installed or loaded, and where it runs on each."""
-    return {"models": inventory.models_view(runtime.registry)}
+    return {
+        "models": inventory.models_view(runtime.registry),
+        # Fleet-wide operations a backend missed, replayed once it is available again.
+        "replays": [r.view() for r in runtime.ledger.all()],
+    }
 
 
 @router.post("/models/{name:path}/placement")

@@ -119,6 +119,7 @@ class Admission:
         self.closed_reason: str | None = None
         self._remote: dict[str, int] = {}  # cloud requests passing through each backend
         self.registry.on_capacity(self.dispatch)
+        self.registry.on_models(self._drop_unknown)
         for name in PRIORITIES:  # a series per class from the start: 0 until one queues
             metrics.queue_depth.labels(priority=name)
 
@@ -168,7 +169,7 @@ class Admission:
             if backend is not None:
                 self._grant(backend, model_key, route)
                 return backend
-        elif not self.router.eligible(model_key, exclude):
+        elif not self.router.eligible(model_key, exclude) and model_key not in self.registry.coming:
             # Others wait, but no backend lists the model: Ollama's 404 now, not after the
             # queue's timeout (and never a 503 the client would retry).
             raise ModelNotFoundError(model)
@@ -280,6 +281,16 @@ class Admission:
             self._discard(best)
             if not self._count or not self._any_free():
                 return
+
+    def _drop_unknown(self) -> None:
+        """The fleet's models changed: a waiter whose model no backend lists any more (it was
+        deleted, or the pull it waited for failed) gets Ollama's 404 now."""
+        known, coming = self.registry.known_models, self.registry.coming
+        for waiter in [w for lst in self._classes for w in lst]:
+            key = waiter.model_key
+            unknown = key is not None and key not in known and key not in coming
+            if unknown and not waiter.future.done():
+                waiter.future.set_exception(ModelNotFoundError(waiter.model))
 
     def _grant(self, backend: BackendState, model_key: str | None, route: str) -> None:
         """Reserve a slot on ``backend`` (and count it for its model) before the caller wakes."""

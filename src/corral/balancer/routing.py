@@ -114,6 +114,8 @@ class Router:
         preference. Raises as :meth:`eligible` does; ModelNotFoundError when none is left."""
         eligible = self.eligible(model_key, exclude)
         if not eligible:
+            if model_key in self.registry.coming:
+                return [], []  # a fleet-wide pull brings it: wait for it
             raise ModelNotFoundError(model)
         # A hot GPU is avoided while a cool one can serve (it may be full: then wait for it).
         cool = [b for b in eligible if not b.gpu_hot]

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import typer
+from rich.console import Group, RenderableType
 from rich.table import Table
 
 from corral.cli.client import API, DEFAULT_URL, KeyOpt, UrlOpt, call
-from corral.cli.render import JsonOpt, console, err, pct, show
+from corral.cli.render import JsonOpt, age, console, err, pct, show
 from corral.cli.render import size as size_text
 
 
@@ -47,10 +49,41 @@ def models_table(models: list[dict[str, Any]]) -> Table:
     return table
 
 
+def replays_table(replays: list[dict[str, Any]], now: float | None = None) -> Table:
+    """The fleet-wide operations backends missed and will get when they are available."""
+    now = time.time() if now is None else now
+    table = Table(title="pending replays", title_justify="left")
+    for col in ("backend", "action", "model", "missed because", "since", "tries", "last error"):
+        table.add_column(col, no_wrap=col != "last error")
+    for r in replays:
+        model = r.get("model", "?")
+        if r.get("source"):
+            model = f"{r['source']} -> {model}"
+        since = r.get("since")
+        table.add_row(
+            r.get("backend", "?"),
+            r.get("action", "?"),
+            model,
+            r.get("reason", "?"),
+            "-" if not isinstance(since, int | float) else age(max(now - since, 0.0)) + " ago",
+            str(r.get("attempts", 0)),
+            r.get("last_error") or "-",
+        )
+    return table
+
+
+def _report(data: dict[str, Any]) -> RenderableType:
+    tables: list[RenderableType] = [models_table(data.get("models", []))]
+    if data.get("replays"):
+        tables.append(replays_table(data["replays"]))
+    return Group(*tables)
+
+
 def models(url: UrlOpt = DEFAULT_URL, admin_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
-    """Show every model per backend: installed, loaded on GPU, partly or on CPU, and its VRAM."""
+    """Show every model per backend: installed, loaded on GPU, partly or on CPU, and its VRAM;
+    then the fleet-wide pulls, deletes and copies a backend missed and will get again."""
     data = call(url, admin_key, "GET", f"{API}/models")
-    show(data, as_json, lambda d: models_table(d.get("models", [])))
+    show(data, as_json, _report)
 
 
 def place(

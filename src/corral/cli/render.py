@@ -37,6 +37,15 @@ def fmt_s(value: float | None) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
+def age(seconds: float) -> str:
+    """How long ago, in the largest unit that reads well: ``40 s``, ``12 min``, ``3.5 h``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def num(value: float) -> str:
     return f"{round(value, 2):g}"
 

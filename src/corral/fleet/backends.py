@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -216,6 +216,10 @@ class BackendRegistry:
         self._listeners: list[Callable[[str, BackendState | None], None]] = []
         # Every model key some backend lists (kept current by refresh_models).
         self.known_models: frozenset[str] = frozenset()
+        # Models a fleet-wide pull, copy or create is bringing, counted per operation: a request
+        # for one waits for it in the queue instead of getting Ollama's 404.
+        self.coming: dict[str, int] = {}
+        self._model_listeners: list[Callable[[], None]] = []
         # Called whenever capacity may have appeared: a slot freed, a backend came up or joined.
         self._capacity_listeners: list[Callable[[], None]] = []
         for backend in backends:
@@ -232,7 +236,35 @@ class BackendRegistry:
 
     def refresh_models(self) -> None:
         """Recompute :attr:`known_models` after a backend's model list changed."""
-        self.known_models = frozenset().union(*(b.models for b in self._backends.values()))
+        known = frozenset().union(*(b.models for b in self._backends.values()))
+        if known != self.known_models:
+            self.known_models = known
+            self._models_changed()
+
+    def on_models(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` when the fleet's models change (:attr:`known_models` or
+        :attr:`coming`)."""
+        self._model_listeners.append(listener)
+
+    def _models_changed(self) -> None:
+        for listener in self._model_listeners:
+            listener()
+
+    @contextmanager
+    def bringing(self, model_keys: Iterable[str]) -> Iterator[None]:
+        """While the block runs, ``model_keys`` count as known (see :attr:`coming`)."""
+        keys = list(dict.fromkeys(model_keys))
+        for key in keys:
+            self.coming[key] = self.coming.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            for key in keys:
+                if self.coming[key] <= 1:
+                    del self.coming[key]
+                else:
+                    self.coming[key] -= 1
+            self._models_changed()  # waiters for a model that did not come get their 404
 
     def on_capacity(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` whenever a slot may have become free (the queue dispatches)."""
@@ -244,6 +276,9 @@ class BackendRegistry:
     def notify(self) -> None:
         for listener in self._capacity_listeners:
             listener()
+
+    def __contains__(self, backend_id: object) -> bool:
+        return backend_id in self._backends
 
     def __iter__(self) -> Any:
         return iter(list(self._backends.values()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -28,8 +29,12 @@ class HealthChecker:
         metrics: Metrics,
         *,
         clock: Clock = time.monotonic,
+        hidden: Callable[[str], set[str]] | None = None,
     ) -> None:
         self.registry = registry
+        # Models a backend still lists but must not serve (the fleet deleted them while it
+        # was away: corral.fleet.replays).
+        self._hidden = hidden
         self.upstream = upstream
         self.settings = settings
         self.metrics = metrics
@@ -73,6 +78,8 @@ class HealthChecker:
                 self.upstream.get_json(f"{backend.url}/api/ps", timeout),
             )
             inventory.update(backend, tags, ps)
+            if self._hidden is not None and (hidden := self._hidden(backend.id)):
+                backend.models -= hidden
             self.registry.refresh_models()
             ok = True
         except asyncio.CancelledError:

@@ -1,4 +1,5 @@
-"""The state file: backends registered through the admin API survive a restart."""
+"""The state file: backends registered through the admin API, and the model operations a
+backend still owes the fleet (see corral.fleet.replays), survive a restart."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -15,28 +16,38 @@ from corral.fleet.backends import BackendState
 log = structlog.get_logger("corral.state")
 
 
+class Saved(NamedTuple):
+    backends: list[dict[str, Any]]
+    replays: list[Any]
+
+
 class StateFile:
-    """JSON list of registered backends, rewritten atomically on every change."""
+    """One JSON object, rewritten atomically on every change."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self) -> list[dict[str, Any]]:
-        """The saved registrations; an unreadable file is logged and treated as empty."""
+    def load(self) -> Saved:
+        """What was saved; an unreadable file is logged and treated as empty."""
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return []
+            return Saved([], [])
         except (OSError, ValueError) as exc:
             log.error(
                 "state file unreadable; starting without it", path=str(self.path), error=str(exc)
             )
-            return []
-        backends = data.get("backends") if isinstance(data, dict) else None
-        return [b for b in backends or [] if isinstance(b, dict)]
+            return Saved([], [])
+        if not isinstance(data, dict):
+            return Saved([], [])
+        backends, replays = data.get("backends"), data.get("replays")
+        return Saved(
+            [b for b in backends if isinstance(b, dict)] if isinstance(backends, list) else [],
+            replays if isinstance(replays, list) else [],
+        )
 
-    def save(self, backends: list[BackendState]) -> None:
-        payload = {"backends": [b.record() for b in backends if b.registered]}
+    def save(self, backends: list[BackendState], replays: list[dict[str, Any]]) -> None:
+        payload = {"backends": [b.record() for b in backends if b.registered], "replays": replays}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".corral-state-")
         try:

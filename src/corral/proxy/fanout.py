@@ -47,8 +47,10 @@ import structlog
 from corral.asgi import Headers, Receive, Scope, Send, header, unless_gone
 from corral.auth import admin_refusal
 from corral.errors import CorralError, UnknownBackendError, UpstreamError, UpstreamTimeoutError
-from corral.fleet.backends import BackendRegistry, BackendState
+from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
 from corral.fleet.health import HealthChecker
+from corral.fleet.replays import REPLAYED, Replay, ReplayLedger
+from corral.metrics import Metrics
 from corral.proxy.relay import send_bytes
 from corral.upstream import Upstream, lines
 
@@ -100,6 +102,7 @@ class _Job:
     reply_headers: list[tuple[bytes, bytes]]
     # Backends that took no part (down, draining, ejected): named in the answer.
     skipped: list[str] = field(default_factory=list)
+    model: str | None = None  # the model (or blob digest) the operation is about
 
     @property
     def refresh(self) -> bool:
@@ -117,12 +120,17 @@ class FanOut:
         *,
         admin_key: str | None,
         open_to_clients: bool,
+        ledger: ReplayLedger | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
         self.upstream = upstream
         self.health = health
         self.admin_key = admin_key
         self.open_to_clients = open_to_clients
+        self.ledger = ledger if ledger is not None else ReplayLedger()
+        self.metrics = metrics
+        self._replaying: dict[str, asyncio.Task[None]] = {}
 
     async def handle(
         self,
@@ -164,19 +172,25 @@ class FanOut:
             return
         base.append((b"x-corral-backend", ",".join(b.id for b in targets).encode()))
         job = _Job(action, method, path, headers, targets, base, self.skipped(targets, scope))
+        job.model = model
         result: tuple[int, list[Outcome]] | None
-        if action in STREAMING:
-            upstream_body = json.dumps({**data, "stream": True}).encode()
-            stream = data.get("stream") is not False
-            result = await unless_gone(receive, self._progress(send, job, upstream_body, stream))
-        elif action == "blobs" and method == "POST":
-            length = header(scope, b"content-length")
-            if length is not None:
-                headers.append((b"content-length", length.encode("latin-1")))
-            result = await self._upload(receive, send, job)
-        else:
-            result = await unless_gone(receive, self._simple(send, job, body))
+        with self.registry.bringing(_brings(action, data)):
+            if action in STREAMING:
+                upstream_body = json.dumps({**data, "stream": True}).encode()
+                stream = data.get("stream") is not False
+                result = await unless_gone(
+                    receive, self._progress(send, job, upstream_body, stream)
+                )
+            elif action == "blobs" and method == "POST":
+                length = header(scope, b"content-length")
+                if length is not None:
+                    headers.append((b"content-length", length.encode("latin-1")))
+                result = await self._upload(receive, send, job)
+            else:
+                result = await unless_gone(receive, self._simple(send, job, body))
         status, outcomes = result if result is not None else (499, [])
+        if result is not None:
+            self._owe(job, data, outcomes)
         log.info(
             "fan-out",
             request_id=request_id,
@@ -223,6 +237,123 @@ class FanOut:
                 raise _RefusedError(503, f"backend {backend_id!r} is down", retry)
             chosen.append(backend)
         return chosen
+
+    def _held_by_skipped(self, job: _Job) -> bool:
+        """A backend left out of the operation listed the model when last seen."""
+        if not job.model or not job.skipped:
+            return False
+        key = normalize_model(job.model)
+        return any(
+            self.registry.get(bid).has_model(key) for bid in job.skipped if bid in self.registry
+        )
+
+    # Replays ---------------------------------------------------------------------------------
+
+    def _owe(self, job: _Job, data: dict[str, Any], outcomes: list[Outcome]) -> None:
+        """Remember which backends missed a fleet-wide pull, delete or copy that took effect
+        somewhere (or, for a delete or copy, that a left-out backend may hold the model)."""
+        if job.action not in REPLAYED:
+            return
+        self.ledger.settle([o.backend_id for o in outcomes if o.ok], job.action, data)
+        took_effect = any(o.ok for o in outcomes) or (
+            job.action != "pull" and self._held_by_skipped(job)
+        )
+        if not took_effect:
+            return
+        owed = [(bid, self._why_skipped(bid)) for bid in job.skipped]
+        owed += [(o.backend_id, "failed") for o in outcomes if not o.ok and o.status >= 500]
+        if not owed:
+            return
+        model = self.ledger.add(owed, job.action, data)
+        log.warning(
+            "fan-out missed; replay owed",
+            action=job.action,
+            model=model,
+            backends=[bid for bid, _ in owed],
+        )
+
+    def _why_skipped(self, backend_id: str) -> str:
+        backend = self.registry.get(backend_id)
+        return "down" if not backend.healthy else "draining" if backend.draining else "ejected"
+
+    async def run_replays(self, every_s: float = 1.0) -> None:
+        """Replay owed operations as backends become available, forever."""
+        while True:
+            try:
+                self.replay_due()
+            except Exception:
+                log.exception("replay round failed")
+            await asyncio.sleep(every_s)
+
+    def replay_due(self) -> list[asyncio.Task[None]]:
+        """Start replaying on every available backend that owes something and is not replaying
+        already (one task per backend; its operations run in order). Returns the new tasks."""
+        now = time.monotonic()
+        started = []
+        for bid in self.ledger.backends():
+            if bid in self._replaying:
+                continue
+            if bid not in self.registry:
+                self.ledger.forget(bid)
+                continue
+            backend = self.registry.get(bid)
+            owed = self.ledger.owed(bid)
+            if not backend.probed or not backend.available(now) or owed[0].not_before > now:
+                continue
+            task = asyncio.create_task(self._replay(backend))
+            self._replaying[bid] = task
+            started.append(task)
+        return started
+
+    async def _replay(self, backend: BackendState) -> None:
+        try:
+            for replay in self.ledger.owed(backend.id):
+                if not await self._replay_one(backend, replay):
+                    return  # later operations wait: order matters (a copy reads a pull)
+        finally:
+            self._replaying.pop(backend.id, None)
+
+    async def _replay_one(self, backend: BackendState, replay: Replay) -> bool:
+        """Replay one operation; True when the backend need not be asked again."""
+        action = replay.action
+        job = _Job(
+            action,
+            "DELETE" if action == "delete" else "POST",
+            f"/api/{action}",
+            [(b"content-type", b"application/json")],
+            [backend],
+            [],
+        )
+        if action == "pull":
+            body = json.dumps({**replay.body, "stream": True}).encode()
+            outcome = await self._read_progress(job, backend, body, _ignore)
+            if outcome.ok:
+                await self._refresh(backend)
+        else:
+            outcome = await self._call(job, backend, json.dumps(replay.body).encode())
+        fields = {"backend": backend.id, "action": action, "model": replay.model}
+        if outcome.ok or _absent(outcome):
+            # A 404: the model to delete (or the copy's source) is not there; nothing to do.
+            self.ledger.done(replay)
+            self._count(replay, "done")
+            log.info("replayed", **fields, status=outcome.status)
+            return True
+        if outcome.status < 500:  # refused (a bad name, say): asking again will not help
+            self.ledger.done(replay)
+        elif self.ledger.failed(replay, str(outcome.error), time.monotonic()):
+            self._count(replay, "failed")
+            log.warning("replay failed; tried again later", **fields, error=outcome.error)
+            return False
+        self._count(replay, "abandoned")
+        log.error("replay given up", **fields, error=outcome.error, attempts=replay.attempts)
+        return True
+
+    def _count(self, replay: Replay, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.replays.labels(replay.backend, replay.action, outcome).inc()
+
+    async def stop_replays(self) -> None:
+        await _cancel(list(self._replaying.values()))
 
     # pull, push, create ---------------------------------------------------------------------
 
@@ -274,9 +405,9 @@ class FanOut:
         body: bytes,
         events: asyncio.Queue[bytes | Outcome | None],
     ) -> None:
-        outcome = await self._read_progress(job, backend, body, events)
+        outcome = await self._read_progress(job, backend, body, events.put)
         if outcome.ok and job.refresh:
-            await self.health.probe(backend)
+            await self._refresh(backend)
         await events.put(outcome)
 
     async def _read_progress(
@@ -284,7 +415,7 @@ class FanOut:
         job: _Job,
         backend: BackendState,
         body: bytes,
-        events: asyncio.Queue[bytes | Outcome | None],
+        emit: Callable[[bytes | None], Awaitable[None]],
     ) -> Outcome:
         bid = backend.id
         try:
@@ -296,7 +427,7 @@ class FanOut:
                 return Outcome(
                     bid, resp.status, _error_text(await resp.read_all(65536), resp.status)
                 )
-            await events.put(None)
+            await emit(None)
             success = False
             async for raw in lines(resp):  # one NDJSON line at a time
                 if not raw.strip():
@@ -311,7 +442,7 @@ class FanOut:
                     success = True  # reported as this backend's own finish line
                     continue
                 obj.pop("backend", None)
-                await events.put(_line({"backend": bid, **obj}))
+                await emit(_line({"backend": bid, **obj}))
             if success:
                 return Outcome(bid, 200)
             return Outcome(bid, 502, "the backend's stream ended before success")
@@ -350,7 +481,9 @@ class FanOut:
     async def _answer(
         self, send: Send, job: _Job, outcomes: list[Outcome]
     ) -> tuple[int, list[Outcome]]:
-        if job.action in ("copy", "delete") and not all(_absent(o) for o in outcomes):
+        if job.action in ("copy", "delete") and (
+            not all(_absent(o) for o in outcomes) or self._held_by_skipped(job)
+        ):
             # A backend that never had the model did its part: success where it existed, and
             # Ollama's 404 only when no backend had it.
             outcomes = [Outcome(o.backend_id, 200) if _absent(o) else o for o in outcomes]
@@ -379,8 +512,14 @@ class FanOut:
         if not 200 <= status < 300:
             return Outcome(bid, status, _error_text(payload, status))
         if job.refresh:
-            await self.health.probe(backend)
+            await self._refresh(backend)
         return Outcome(bid, status)
+
+    async def _refresh(self, backend: BackendState) -> None:
+        """Read a backend's model list again after it changed; requests waiting for a model
+        it now has are dispatched."""
+        await self.health.probe(backend)
+        self.registry.notify()
 
 
 class _Feed:
@@ -428,6 +567,18 @@ async def _pump(receive: Receive, feeds: list[_Feed]) -> bool:
                 await feed.put(None)
         if not more or all(feed.closed for feed in feeds):
             return True
+
+
+async def _ignore(_: bytes | None) -> None:
+    """A replay's progress lines go nowhere."""
+
+
+def _brings(action: str, data: dict[str, Any]) -> list[str]:
+    """The model keys a pull, create or copy is about to add to the fleet."""
+    name = data.get("destination") if action == "copy" else data.get("model") or data.get("name")
+    if action not in ("pull", "create", "copy") or not isinstance(name, str) or not name:
+        return []
+    return [normalize_model(name)]
 
 
 async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:

@@ -9,7 +9,7 @@ import pytest
 from corral.balancer.admission import Admission, parse_priority
 from corral.balancer.routing import Router
 from corral.config import BalancerSettings, QueueSettings
-from corral.errors import NoBackendError
+from corral.errors import ModelNotFoundError, NoBackendError
 from corral.fleet.backends import BackendRegistry, BackendState
 from corral.metrics import Metrics
 from tests.helpers import FakeClock
@@ -193,3 +193,38 @@ async def test_a_retry_keeps_its_place_one_class_up() -> None:
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert order == ["retry", "h1", "h2"]
     assert adm.queued_by_priority() == {"low": 0, "normal": 0, "high": 0, "urgent": 0}
+
+
+async def test_a_model_being_pulled_waits_for_its_pull() -> None:
+    """A fleet-wide pull is bringing a model: a request for it waits in the queue (not
+    Ollama's 404) and is served the moment a backend lists it."""
+    adm, (b,) = setup(slots=1)
+    registry = adm.registry
+    with registry.bringing(["new:latest"]):
+        waiting = asyncio.create_task(adm.acquire("new", "new:latest", "chat"))
+        await settle()
+        assert not waiting.done()
+        assert adm.queued == 1
+        b.models.add("new:latest")
+        registry.refresh_models()
+        registry.notify()
+        assert await asyncio.wait_for(waiting, 1) is b
+
+
+async def test_a_pull_that_brings_nothing_ends_its_waiters_with_404() -> None:
+    """The pull failed everywhere: whoever waited for its model gets the 404 at once, and a
+    request behind a full queue for a model being pulled waits rather than gets it."""
+    adm, (b,) = setup(slots=1)
+    held = await adm.acquire("m", "m:latest", "chat")  # the queue is busy from here on
+    queued_for_m = asyncio.create_task(adm.acquire("m", "m:latest", "chat"))
+    with adm.registry.bringing(["new:latest"]):
+        waiting = asyncio.create_task(adm.acquire("new", "new:latest", "chat"))
+        await settle()
+        assert not waiting.done()
+        adm.release(held, "m:latest")  # a slot frees: m is served, new still waits
+        assert await asyncio.wait_for(queued_for_m, 1) is b
+        assert not waiting.done()
+    with pytest.raises(ModelNotFoundError):
+        await asyncio.wait_for(waiting, 1)
+    with pytest.raises(ModelNotFoundError):
+        await adm.acquire("other", "other:latest", "chat")  # not pulled: 404 at once

@@ -27,13 +27,15 @@ class Fleet:
     fake: FakeTransport
     fanout: FanOut
 
-    async def call(self, method: str, path: str, body: dict[str, Any]) -> RecordingSend:
+    async def call(
+        self, method: str, path: str, body: dict[str, Any], query: bytes = b""
+    ) -> RecordingSend:
         """One management request, as the front door hands it over."""
         scope = {
             "type": "http",
             "method": method,
             "path": path,
-            "query_string": b"",
+            "query_string": query,
             "headers": [(b"content-type", b"application/json")],
             "client": ("127.0.0.1", 50000),
         }
@@ -71,8 +73,7 @@ async def fleet() -> Fleet:
         settings, upstream=Upstream(settings.timeouts, transport=fake), gpu_sampler=NullSampler()
     )
     await rt.health.probe_all()
-    fanout = FanOut(rt.registry, rt.upstream, rt.health, admin_key=None, open_to_clients=False)
-    return Fleet(rt, fake, fanout)
+    return Fleet(rt, fake, rt.fanout)
 
 
 async def test_delete_succeeds_where_the_model_was(fleet: Fleet) -> None:
@@ -209,3 +210,143 @@ async def test_a_backend_that_is_down_is_named_not_hidden(fleet: Fleet) -> None:
     send = await fleet.call("POST", "/api/pull", {"model": "x"})
     assert send.lines()[-1] == {"status": "success", "skipped": ["b"]}
     assert not fleet.fake.sent("/api/pull")[0].url.startswith(B)
+
+
+# Replays: a fleet-wide operation a backend missed reaches it when it is back ------------------
+
+
+async def replay(fleet: Fleet) -> None:
+    """One replay round, waited for."""
+    await asyncio.gather(*fleet.fanout.replay_due())
+
+
+def replays_counted(fleet: Fleet, backend: str, action: str, outcome: str) -> float:
+    value = fleet.rt.metrics.registry.get_sample_value(
+        "corral_model_replays_total", {"backend": backend, "action": action, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_a_delete_missed_while_down_is_replayed_when_the_backend_returns(
+    fleet: Fleet,
+) -> None:
+    """b is down during a fleet delete: the answer names it, the models view lists what it
+    owes, b's copy of the model is not routed to once it is back, and the delete reaches it."""
+    b = fleet.rt.registry.get("b")
+    b.healthy = False
+    fleet.fake.script(f"{A}/api/delete", EMPTY_OK)
+    send = await fleet.call("DELETE", "/api/delete", {"model": "x"})
+    assert (send.status, json.loads(send.body)) == (200, {"skipped": ["b"]})
+    [owed] = [r.view() for r in fleet.rt.ledger.all()]
+    assert owed | {"since": 0} == {
+        "backend": "b",
+        "action": "delete",
+        "model": "x",
+        "reason": "down",
+        "since": 0,
+        "attempts": 0,
+        "last_error": None,
+    }
+    await replay(fleet)
+    assert not fleet.fake.sent("/api/delete")[1:]  # nothing is sent to a backend that is down
+    # b comes back still listing x: routing does not send x there while b owes the delete.
+    assert await fleet.rt.health.probe(b)
+    assert b.healthy
+    assert "x:latest" not in b.models
+    assert "m:latest" in b.models
+    fleet.fake.script(f"{B}/api/delete", EMPTY_OK)
+    await replay(fleet)
+    [sent] = [r for r in fleet.fake.sent("/api/delete") if r.url.startswith(B)]
+    assert (sent.method, sent.json()) == ("DELETE", {"model": "x"})
+    assert fleet.rt.ledger.all() == []
+    assert replays_counted(fleet, "b", "delete", "done") == 1
+    assert (
+        fleet.rt.metrics.registry.get_sample_value("corral_model_replays_pending", {"backend": "b"})
+        is None
+    )
+
+
+async def test_a_delete_that_only_a_down_backend_could_do_is_not_a_404(fleet: Fleet) -> None:
+    """The only backend holding the model is down: the delete is owed to it, not a 404."""
+    fleet.rt.registry.get("b").healthy = False
+    fleet.fake.script(f"{A}/api/delete", Answer.json({"error": "model 'x' not found"}, 404))
+    fleet.rt.registry.get("a").models.discard("x:latest")
+    send = await fleet.call("DELETE", "/api/delete", {"model": "x"})
+    assert (send.status, json.loads(send.body)) == (200, {"skipped": ["b"]})
+    assert [(r.backend, r.action) for r in fleet.rt.ledger.all()] == [("b", "delete")]
+
+
+async def test_a_failed_pull_is_retried_later_and_later_operations_wait_for_it(
+    fleet: Fleet,
+) -> None:
+    """b failed a pull (unreachable) and missed a copy of it: the copy waits for the pull; a
+    pull that fails again is tried later, and both run in order once b answers."""
+    fleet.fake.script(f"{A}/api/pull", Answer.ndjson({"status": "success"}))
+    fleet.fake.script(f"{B}/api/pull", UpstreamConnectError("connection refused"))
+    await fleet.call("POST", "/api/pull", {"model": "y"})
+    fleet.rt.registry.get("b").draining = True
+    fleet.fake.script(f"{A}/api/copy", EMPTY_OK)
+    send = await fleet.call("POST", "/api/copy", {"source": "y", "destination": "z"})
+    assert json.loads(send.body) == {"skipped": ["b"]}
+    owed = fleet.rt.ledger.owed("b")
+    assert [(r.action, r.model, r.reason) for r in owed] == [
+        ("pull", "y", "failed"),
+        ("copy", "z", "draining"),
+    ]
+    assert owed[1].view()["source"] == "y"
+    fleet.rt.registry.get("b").draining = False
+    fleet.fake.script(f"{B}/api/pull", UpstreamConnectError("connection refused"))
+    await replay(fleet)
+    assert [r.attempts for r in fleet.rt.ledger.owed("b")] == [1, 0]
+    assert fleet.rt.ledger.owed("b")[0].last_error == "backend unreachable: connection refused"
+    assert not [r for r in fleet.fake.sent("/api/copy") if r.url.startswith(B)]
+    assert replays_counted(fleet, "b", "pull", "failed") == 1
+    await replay(fleet)  # backing off: not asked again at once
+    assert len([r for r in fleet.fake.sent("/api/pull") if r.url.startswith(B)]) == 2
+    for replay_ in fleet.rt.ledger.owed("b"):
+        replay_.not_before = 0.0
+    fleet.fake.script(f"{B}/api/pull", Answer.ndjson({"status": "success"}))
+    fleet.fake.script(f"{B}/api/copy", EMPTY_OK)
+    await replay(fleet)
+    assert fleet.rt.ledger.all() == []
+    [copy] = [r for r in fleet.fake.sent("/api/copy") if r.url.startswith(B)]
+    assert copy.json() == {"source": "y", "destination": "z"}
+
+
+async def test_the_fleets_latest_intent_wins(fleet: Fleet) -> None:
+    """b missed a pull and then a delete of the same model: it owes only the delete. A later
+    pull that b takes part in settles the delete it owed."""
+    b = fleet.rt.registry.get("b")
+    b.healthy = False
+    fleet.fake.script(f"{A}/api/pull", Answer.ndjson({"status": "success"}))
+    await fleet.call("POST", "/api/pull", {"model": "x"})
+    fleet.fake.script(f"{A}/api/delete", EMPTY_OK)
+    await fleet.call("DELETE", "/api/delete", {"model": "x"})
+    assert [r.action for r in fleet.rt.ledger.owed("b")] == ["delete"]
+    b.healthy = True
+    for base in (A, B):
+        fleet.fake.script(f"{base}/api/pull", Answer.ndjson({"status": "success"}))
+    await fleet.call("POST", "/api/pull", {"model": "x"})
+    assert fleet.rt.ledger.all() == []
+
+
+async def test_a_refused_replay_is_given_up(fleet: Fleet) -> None:
+    """A replay the backend refuses (400) will not succeed by asking again: logged, counted,
+    dropped."""
+    fleet.rt.registry.get("b").healthy = False
+    fleet.fake.script(f"{A}/api/pull", Answer.ndjson({"status": "success"}))
+    await fleet.call("POST", "/api/pull", {"model": "x"})
+    fleet.rt.registry.get("b").healthy = True
+    fleet.fake.script(f"{B}/api/pull", Answer.json({"error": "invalid model name"}, 400))
+    await replay(fleet)
+    assert fleet.rt.ledger.all() == []
+    assert replays_counted(fleet, "b", "pull", "abandoned") == 1
+
+
+async def test_operations_aimed_at_named_backends_owe_nothing(fleet: Fleet) -> None:
+    """``?backend=a`` is not meant for the fleet: b, down meanwhile, owes nothing."""
+    fleet.fake.script(f"{A}/api/delete", EMPTY_OK)
+    fleet.rt.registry.get("b").healthy = False
+    send = await fleet.call("DELETE", "/api/delete", {"model": "x"}, query=b"backend=a")
+    assert (send.status, send.body) == (200, b"")
+    assert fleet.rt.ledger.all() == []
