@@ -379,3 +379,36 @@ def test_a_request_for_a_model_being_pulled_waits_for_it(
         worker.join(30)
         assert lost.status_code == 404
         assert lost.json() == {"error": "model 'doesnotexist:1b' not found"}
+
+
+GO_CLI = {
+    "User-Agent": "ollama/0.33.0 (amd64 linux) Go/go1.24.6",
+    "Content-Type": "application/json",
+}
+
+
+def test_ollama_push_as_the_ollama_cli_sends_it(fleet: Any) -> None:
+    """`ollama push NAME` as the Go CLI (api/client.go) does it: `POST /api/me` to learn the
+    signed-in user, then `POST /api/push` read line by line, failing at the first line with an
+    `error`, to the end of the stream. Through a keyless corral on loopback it succeeds, and
+    every backend pushed."""
+    corral, a, b = fleet
+    with corral.client() as client:
+        me = client.post("/api/me", headers={**GO_CLI, "Accept": "application/json"})
+        assert me.status_code == 200
+        assert me.json()["name"] == "sim"
+        body = {"model": "llama3.2", "insecure": False}
+        headers = {**GO_CLI, "Accept": "application/x-ndjson"}
+        with client.stream("POST", "/api/push", json=body, headers=headers) as pushed:
+            assert pushed.status_code == 200
+            seen = []
+            for line in pushed.iter_lines():
+                obj = json.loads(line)
+                assert not obj.get("error"), obj
+                seen.append(obj)
+    assert seen[-1] == {"status": "success"}
+    assert sorted(o["backend"] for o in seen if o.get("status") == "backend finished") == [
+        "a",
+        "b",
+    ]
+    assert a.stats()["by_route"]["/api/push"] == b.stats()["by_route"]["/api/push"] == 1
