@@ -688,3 +688,59 @@ def test_raw_http_framing(served: Any, case: str) -> None:
     with served.client() as client:
         assert client.get("/healthz").status_code == 200
     assert served.call(lambda: [b.in_flight for b in served.runtime.registry.all()]) == [0]
+
+
+# /v1/audio/transcriptions: a multipart upload, routed by its ``model`` form field ------------
+
+AUDIO = "/v1/audio/transcriptions"
+form_names = st.sampled_from(["model", "file", "language", "Model", 'model"', "", "mod\u00e9l"])
+
+
+@st.composite
+def multipart(draw: Any) -> tuple[bytes, bytes]:
+    """(Content-Type, body) of a multipart form as a client might send it, or broken: parts in
+    any order, with or without a file name, an odd boundary, a body cut short."""
+    boundary = draw(st.sampled_from([b"xyz", b"----b0undary", b'"quoted"', b"", b"a" * 200]))
+    parts = []
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(form_names).encode()
+        filename = b'; filename="a.wav"' if draw(st.booleans()) else b""
+        value = draw(st.sampled_from([b"llama3.2", b"no-such-model", b"", b"\xff\xfe", b"\0" * 50]))
+        head = b'Content-Disposition: form-data; name="' + name + b'"' + filename
+        parts.append(b"--" + boundary.strip(b'"') + b"\r\n" + head + b"\r\n\r\n" + value + b"\r\n")
+    body = b"".join(parts) + b"--" + boundary.strip(b'"') + b"--\r\n"
+    body = body[: draw(st.integers(0, len(body)))] if draw(st.booleans()) else body
+    ctype = draw(
+        st.sampled_from(
+            [
+                b"multipart/form-data; boundary=" + boundary,
+                b"multipart/form-data",
+                b"MULTIPART/FORM-DATA;BOUNDARY=" + boundary,
+                b"application/json",
+                b"multipart/form-data; boundary=other",
+            ]
+        )
+    )
+    return ctype, body
+
+
+def test_audio_uploads(front: AsgiHarness) -> None:
+    """Any multipart form, well made or not, in any chunks: the answer is finished and in
+    OpenAI's shape; without a readable ``model`` field it is corral's own 400 and no backend
+    is asked; an unknown model is a 404; a 2xx only comes from the backend."""
+
+    @given(form=multipart(), cuts=st.lists(st.integers(0, 400), max_size=4))
+    @settings(max_examples=examples(3))
+    def run(form: tuple[bytes, bytes], cuts: list[int]) -> None:
+        ctype, body = form
+        reply = front.request(
+            "POST", AUDIO, headers=[(b"content-type", ctype)], body=chunked(body, cuts)
+        )
+        check_shape(reply, AUDIO)
+        if 200 <= reply.status < 300:
+            assert reply.header("x-corral-backend") == "sim"
+        if reply.header("x-corral-backend") is None:
+            assert reply.status in (400, 404), (reply.status, reply.body[:300])
+
+    run()
+    assert_healthy(front)
