@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -44,12 +45,51 @@ class ServerSettings(_Section):
     # default), and the main port serves only the Ollama/OpenAI routes, /healthz and /readyz.
     admin_port: int | None = Field(None, ge=1, le=65535)
     admin_host: str = "127.0.0.1"
+    # The edge (README "Defaults at the edge"). Host names accepted besides loopback ones
+    # ("*.example.com" matches subdomains, "*" any), and browser origins (OLLAMA_ORIGINS'
+    # syntax: "https://app.example.com", "https://*.example.com", "*").
+    allowed_hosts: list[str] = []
+    allowed_origins: list[str] = []
+    # Peers (addresses or CIDRs) whose X-Forwarded-For / Forwarded / X-Real-IP name the client.
+    trusted_proxies: list[str] = []
+    header_timeout_s: float = Field(60, gt=0)  # request line and headers (nginx: 60 s)
+    body_timeout_s: float = Field(60, gt=0)  # longest pause between body reads (nginx: 60 s)
+    idle_timeout_s: float = Field(75, gt=0)  # an idle kept-alive connection (nginx: 75 s)
+    max_connections: int = Field(1024, ge=1)  # open client connections at once
+    max_header_bytes: int = Field(65536, ge=1024)  # request line and headers, in all
+    max_headers: int = Field(100, ge=8)
+    # Request bodies buffered at once, across all requests: beyond, 503 + Retry-After.
+    max_buffered_mb: float = Field(256, gt=0)
+    metrics_auth: bool = False  # /metrics needs the admin key
+    docs: bool = False  # /docs and /openapi.json (off: no page loads a third-party script)
+    expose_backend_header: bool = True  # X-Corral-Backend on answers
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> ServerSettings:
         if self.admin_port is not None and self.admin_port == self.port:
             raise ValueError("admin_port must differ from port")
         return self
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or CIDR") from None
+        return [item.strip() for item in value]
+
+    @field_validator("allowed_hosts", "allowed_origins")
+    @classmethod
+    def _no_blanks(cls, value: list[str]) -> list[str]:
+        cleaned = [item.strip().lower() for item in value]
+        if any(not item for item in cleaned):
+            raise ValueError("an empty entry matches nothing; remove it")
+        return cleaned
+
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(item, strict=False) for item in self.trusted_proxies]
 
 
 class BalancerSettings(_Section):
@@ -458,12 +498,27 @@ def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _check_files(settings: Settings) -> None:
     problems = []
+    clients: dict[bytes, ClientKey] | None = None
     try:
-        settings.resolved_client_keys()
+        clients = settings.resolved_client_keys()
     except ValueError as exc:
         problems.append(f"client keys: {exc}")
     except OSError:
         pass  # a missing file is reported below
+    if clients == {} and settings.auth.model_management == "clients":
+        problems.append(
+            'auth.model_management: "clients" with no client keys would let anyone pull and '
+            'delete models; set CORRAL_CLIENT_KEYS or auth.client_keys_file, or use "admin"'
+        )
+    try:
+        admin = settings.resolved_admin_key()
+    except OSError:
+        admin = None  # a missing file is reported below
+    if admin is not None and not (admin.isascii() and admin.isprintable()):
+        problems.append(
+            "admin key: only printable ASCII can be sent in an HTTP header; this key could "
+            "never match"
+        )
     for name in ("admin_key_file", "client_keys_file"):
         file: Path | None = getattr(settings.auth, name)
         if file is not None and not file.is_file():

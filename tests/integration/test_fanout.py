@@ -222,16 +222,25 @@ def test_admin_key_guards_management(
         admin._client.close()
 
 
-def test_clients_mode_needs_no_key(sim_factory: Any, corral_factory: Any, monkeypatch: Any) -> None:
-    """auth.model_management = "clients": any client may pull, admin key or not."""
+def test_clients_mode_needs_no_admin_key(
+    sim_factory: Any, corral_factory: Any, monkeypatch: Any
+) -> None:
+    """auth.model_management = "clients": any client with a client key may pull, without the
+    admin key; one without a key may not."""
     monkeypatch.setenv("CORRAL_ADMIN_KEY", KEY)
+    monkeypatch.setenv("CORRAL_CLIENT_KEYS", "client-key-1")
     sim = sim_factory(name="a")
     corral = corral_factory([{"id": "a", "url": sim.url}], auth={"model_management": "clients"})
-    oc = ollama.Client(host=corral.url)
+    oc = ollama.Client(host=corral.url, headers={"Authorization": "Bearer client-key-1"})
+    anonymous = ollama.Client(host=corral.url)
     try:
         assert oc.pull("tinyllama").status == "success"
+        with pytest.raises(ollama.ResponseError) as refused:
+            anonymous.pull("tinyllama")
+        assert refused.value.status_code == 401
     finally:
         oc._client.close()
+        anonymous._client.close()
 
 
 async def test_remote_caller_without_admin_key_is_403() -> None:

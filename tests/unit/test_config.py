@@ -114,3 +114,36 @@ def test_flags_beat_the_environment_which_beats_the_file(tmp_path: Path) -> None
     flagged = load_config(file, overrides={"server": {"port": 9000}}, env=env)
     assert (flagged.server.port, flagged.server.host) == (9000, "0.0.0.0")
     assert flagged.resolved_admin_key() == "k"
+
+
+def test_clients_may_not_manage_models_without_client_keys() -> None:
+    """auth.model_management = "clients" with no client keys would open pull and delete to
+    anyone: refused at start, in one line."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, overrides={"auth": {"model_management": "clients"}}, env={})
+    [line] = refused.value.problems
+    assert line.startswith('auth.model_management: "clients" with no client keys')
+    keyed = load_config(
+        None,
+        overrides={"auth": {"model_management": "clients"}},
+        env={"CORRAL_CLIENT_KEYS": "client-key-1"},
+    )
+    assert keyed.auth.model_management == "clients"
+
+
+def test_an_admin_key_no_header_can_carry_is_refused() -> None:
+    """A non-ASCII (or control-character) admin key could never match a request: refused."""
+    for key in ("clé-secrète-123", "tab\there-1234"):
+        with pytest.raises(ConfigError) as refused:
+            load_config(None, env={"CORRAL_ADMIN_KEY": key})
+        assert refused.value.problems == [
+            "admin key: only printable ASCII can be sent in an HTTP header; this key could "
+            "never match"
+        ]
+    assert load_config(None, env={"CORRAL_ADMIN_KEY": "ascii-key-123"}).resolved_admin_key()
+
+
+def test_trusted_proxies_must_be_addresses() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, overrides={"server": {"trusted_proxies": ["10.0.0.0/8", "nginx"]}})
+    assert refused.value.problems == ["server.trusted_proxies: 'nginx' is not an address or CIDR"]
