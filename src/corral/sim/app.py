@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from corral.asgi import Receive, Scope, Send, zstd_decoded
 from corral.shapes import Shape
-from corral.sim import account, compat, control, manage, native, v1
+from corral.sim import account, compat, control, manage, messages, native, responses, v1
 from corral.sim.config import SimConfig
 from corral.sim.core import Sim
 from corral.sim.stats import RequestRecord
@@ -71,9 +71,9 @@ def _table() -> dict[str, dict[str, Route]]:
             r("/v1/chat/completions", v1.chat_completions, "POST", watch=True, openai=True),
             r("/v1/completions", v1.completions, "POST", watch=True, openai=True),
             r("/v1/embeddings", v1.v1_embeddings, "POST", watch=True, openai=True),
-            r("/v1/responses", compat.responses, "POST", watch=True, openai=True),
+            r("/v1/responses", responses.responses, "POST", watch=True, openai=True),
             r("/v1/audio/transcriptions", compat.transcriptions, "POST", watch=True, openai=True),
-            r("/v1/messages", compat.messages, "POST", watch=True, anthropic=True),
+            r("/v1/messages", messages.messages, "POST", watch=True, anthropic=True),
             r("/v1/models", v1.list_models, "GET", openai=True),
             r("/v1/models/{model}", v1.retrieve_model, "GET", openai=True),
             r("/_sim/stats", control.stats, "GET", internal=True),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from corral.sim import tools
 from corral.sim.core import Job, Sim, end_by_fault, num_predict
 from corral.sim.names import parse_name
 from corral.sim.text import (
@@ -189,8 +190,7 @@ async def chat(sim: Sim, ex: Exchange) -> None:
     keep_alive = parse_keep_alive(body.get("keep_alive"))
     if "completion" not in model.capabilities:
         raise HTTPError(400, f'"{raw_name}" does not support chat')
-    if body.get("tools") and "tools" not in model.capabilities:
-        raise HTTPError(400, f"{_full_name(model.name)} does not support tools")
+    tools.check_capability(model, body.get("tools"))
     _validate_common(body, raw_name, model.capabilities)
     options = _options(body)
     messages: list[Any] = body.get("messages") or []
@@ -209,6 +209,9 @@ async def chat(sim: Sim, ex: Exchange) -> None:
     n, reason = num_predict(options, sim.config.tokens)
     tokens = chat_tokens(messages)
     prompt_count = len(tokens)
+    planned = None
+    if body.get("tools"):
+        planned = tools.chat_plan(body["tools"], messages, n, reason, sim.config.tokens)
     m = jstr(raw_name)
 
     async def line(i: int) -> None:
@@ -220,6 +223,9 @@ async def chat(sim: Sim, ex: Exchange) -> None:
 
     async with Job(sim, ex, key, model, keep_alive, options) as job:
         await job.prompt(tokens)
+        if planned is not None:
+            await _answer_tool_call(ex, job, stream, prompt_count, *planned)
+            return
         fault = await job.tokens(n, line if stream else None)
         if fault is not None:
             await end_by_fault(ex, fault, _ERROR_LINE)
@@ -236,6 +242,47 @@ async def chat(sim: Sim, ex: Exchange) -> None:
             await ex.end(dumps(final) + b"\n")
         else:
             await ex.json(final)
+
+
+def _native_tool_call(call: tools.ToolCall) -> dict[str, Any]:
+    """A tool call as /api/chat sends it in ``message.tool_calls``."""
+    return {"id": call.id, "function": {"index": 0, "name": call.name, "arguments": call.arguments}}
+
+
+async def _answer_tool_call(
+    ex: Exchange,
+    job: Job,
+    stream: bool,
+    prompt_count: int,
+    call: tools.ToolCall,
+    n: int,
+    reason: str,
+) -> None:
+    """/api/chat answering with a tool call. Ollama's tool parser holds back the call's text
+    until it parses whole, so a stream gets one chunk with the call once all ``n`` tokens are
+    out, then the final chunk with empty content; a fault before then is a plain error."""
+    fault = await job.tokens(n, None)
+    if fault is not None:
+        await end_by_fault(ex, fault, _ERROR_LINE)
+        return
+    raw_name = ex.record.model or ""
+    message = {"role": "assistant", "content": "", "tool_calls": [_native_tool_call(call)]}
+    if stream:
+        chunk = {"model": raw_name, "created_at": utc_now(), "message": message, "done": False}
+        await ex.emit(dumps(chunk) + b"\n", NDJSON_TYPE)
+        message = {"role": "assistant", "content": ""}
+    final: dict[str, Any] = {
+        "model": raw_name,
+        "created_at": utc_now(),
+        "message": message,
+        "done": True,
+        "done_reason": reason,
+    }
+    final.update(job.metrics(prompt_count))
+    if stream:
+        await ex.end(dumps(final) + b"\n")
+    else:
+        await ex.json(final)
 
 
 async def _load_or_unload(

@@ -9,6 +9,8 @@ import struct
 import time
 from typing import Any
 
+from corral.sim import tools
+from corral.sim.config import SimModel
 from corral.sim.core import Job, Sim, end_by_fault, num_predict
 from corral.sim.names import owner_of, short_name
 from corral.sim.text import (
@@ -45,7 +47,9 @@ def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
     return usage
 
 
-def lookup(sim: Sim, ex: Exchange, body: dict[str, Any]) -> tuple[str, str, Any]:
+def lookup(sim: Sim, ex: Exchange, body: dict[str, Any]) -> tuple[str, str, SimModel]:
+    """The model a /v1 request names (raw name, store key, model), refused as Ollama's chat
+    refuses it: no name, unknown, or no chat."""
     raw_name: str = body.get("model") or ""
     ex.record.model = raw_name
     if not raw_name:
@@ -56,6 +60,12 @@ def lookup(sim: Sim, ex: Exchange, body: dict[str, Any]) -> tuple[str, str, Any]
     if "completion" not in found[1].capabilities:
         raise HTTPError(400, f'"{raw_name}" does not support chat')
     return raw_name, found[0], found[1]
+
+
+def _openai_tool_call(call: tools.ToolCall) -> dict[str, Any]:
+    """A tool call in OpenAI's shape, as Ollama writes it (arguments as a JSON string)."""
+    function = {"name": call.name, "arguments": call.arguments_json}
+    return {"id": call.id, "index": 0, "type": "function", "function": function}
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -71,11 +81,16 @@ async def chat_completions(sim: Sim, ex: Exchange) -> None:
         "ChatCompletionRequest",
         {"model": "string", "messages": "array", "stream": "bool", "max_tokens": "int"},
     )
+    tools.check_declared(body.get("tools"), "ChatCompletionRequest", "api.Tool")
     if not body.get("messages"):
         raise HTTPError(400, "[] is too short - 'messages'")
     raw_name, key, model = lookup(sim, ex, body)
+    tools.check_capability(model, body.get("tools"))
     options = _options(body)
     n, reason = num_predict(options, sim.config.tokens)
+    planned = None
+    if body.get("tools"):
+        planned = tools.chat_plan(body["tools"], body["messages"], n, reason, sim.config.tokens)
     tokens = chat_tokens(body["messages"])
     prompt_count = len(tokens)
     created = int(time.time())
@@ -94,13 +109,24 @@ async def chat_completions(sim: Sim, ex: Exchange) -> None:
     stream = body.get("stream") is True
     async with Job(sim, ex, key, model, None, options) as job:
         await job.prompt(tokens)
-        fault = await job.tokens(n, event if stream else None)
+        if planned is not None:
+            # The call's text is held back until it parses whole (see native._answer_tool_call).
+            _, n, reason = planned
+            fault = await job.tokens(n, None)
+        else:
+            fault = await job.tokens(n, event if stream else None)
         if fault is not None:
             # Ollama's writer turns the native error line into one empty delta, then stops.
             err = f'{head}{{"index":0,"delta":{{"content":""}},"finish_reason":null}}]}}\n\n'
             await end_by_fault(ex, fault, err.encode())
             return
+        message: dict[str, Any] = {"role": "assistant", "content": ""}
+        if planned is not None:
+            message["tool_calls"] = [_openai_tool_call(planned[0])]
+            reason = "tool_calls"  # Ollama's name for a "stop" that made a call
         if not stream:
+            if planned is None:
+                message["content"] = text_of(n)
             await ex.json(
                 {
                     "id": cid,
@@ -108,21 +134,15 @@ async def chat_completions(sim: Sim, ex: Exchange) -> None:
                     "created": created,
                     "model": raw_name,
                     "system_fingerprint": "fp_ollama",
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text_of(n)},
-                            "finish_reason": reason,
-                        }
-                    ],
+                    "choices": [{"index": 0, "message": message, "finish_reason": reason}],
                     "usage": _usage(prompt_count, n, job.cached),
                 }
             )
             return
-        if n == 0:
+        if n == 0 or planned is not None:
+            delta = dumps(message).decode()
             await ex.emit(
-                f'{head}{{"index":0,"delta":{{"role":"assistant","content":""}},'
-                f'"finish_reason":null}}]}}\n\n'.encode(),
+                f'{head}{{"index":0,"delta":{delta},"finish_reason":null}}]}}\n\n'.encode(),
                 SSE_TYPE,
             )
         tail = f'{head}{{"index":0,"delta":{{}},"finish_reason":"{reason}"}}]}}\n\n'

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import re
 import time
 from datetime import datetime
@@ -21,6 +22,7 @@ NDJSON_TYPE = b"application/x-ndjson"
 SSE_TYPE = b"text/event-stream"
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode_sorted = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode
 
 
 def dumps(obj: Any) -> bytes:
@@ -28,9 +30,20 @@ def dumps(obj: Any) -> bytes:
     return _encode(obj).encode()
 
 
+def dumps_sorted(obj: Any) -> bytes:
+    """:func:`dumps` with every object's keys sorted, as Go writes a ``map[string]any``."""
+    return _encode_sorted(obj).encode()
+
+
 def jstr(text: str) -> str:
     """``text`` as a JSON string literal, for hand-built hot-path lines."""
     return _encode(text)
+
+
+def random_id(prefix: str) -> str:
+    """``prefix`` and 24 random hex digits, as Ollama's Anthropic layer makes message and
+    request ids."""
+    return f"{prefix}_{random.getrandbits(96):024x}"
 
 
 class HTTPError(Exception):
@@ -169,10 +182,12 @@ _ACCEPTS: dict[str, tuple[type, ...]] = {
 _GO_TYPE = {"array": "[]interface {}", "object": "map[string]interface {}"}
 
 
-def decode_body(body: bytes, struct: str) -> dict[str, Any]:
-    """Decode a JSON request body whatever its Content-Type, failing the way Gin does."""
+def decode_body(body: bytes, struct: str, package: str = "api") -> dict[str, Any]:
+    """Decode a JSON request body whatever its Content-Type, failing the way Gin does.
+    ``package`` is the Go package of ``struct``: the native handlers (``api``) name an empty
+    body, the OpenAI and Anthropic middlewares pass on the decoder's ``EOF``."""
     if not body.strip():
-        raise HTTPError(400, "missing request body")
+        raise HTTPError(400, "missing request body" if package == "api" else "EOF")
     try:
         data = json.loads(body)
     except UnicodeDecodeError:
@@ -196,7 +211,9 @@ def decode_body(body: bytes, struct: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         kind = _GO_KIND.get(type(data), "value")
-        raise HTTPError(400, f"json: cannot unmarshal {kind} into Go value of type api.{struct}")
+        raise HTTPError(
+            400, f"json: cannot unmarshal {kind} into Go value of type {package}.{struct}"
+        )
     return data
 
 
@@ -354,9 +371,12 @@ class Exchange:
 
     async def error(self, status: int, message: str) -> None:
         """An early error in the route's shape: Ollama's, OpenAI's on /v1, Anthropic's on
-        /v1/messages."""
+        /v1/messages (with a ``request_id``, as Ollama's Anthropic errors carry one)."""
         self.record.error = message
-        await self.json(error_payload(message, shape=self.shape, status=status), status)
+        payload = error_payload(message, shape=self.shape, status=status)
+        if self.shape == "anthropic":
+            payload["request_id"] = random_id("req")
+        await self.json(payload, status)
 
     async def abort(self) -> None:
         """Drop the TCP connection mid-response, with no final chunk (a crashed server)."""
