@@ -175,6 +175,27 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.edge_refusals = Counter(
+            "corral_edge_refusals",
+            "Requests or connections corral refused at the edge, by reason: host, origin, "
+            "cross_site, header_timeout, body_timeout, headers_too_large, too_many_headers, "
+            "max_connections, buffered_bytes.",
+            ["reason"],
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "corral_open_connections",
+            "Client connections open now (server.max_connections caps them).",
+            registry=r,
+        )
+        self.backend_malformed = Counter(
+            "corral_backend_malformed",
+            "Backend answers corral could not use, by reason: malformed_http (a bad status "
+            "or header line), too_large (a body over corral's cap), bad_entry (a model list "
+            "entry or version that does not parse; skipped), redirect (a 3xx).",
+            ["backend", "reason"],
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "corral_event_loop_lag_seconds",
             "How late the event loop ran a timer (sampled every 0.05 s): every request waits this.",
