@@ -323,6 +323,15 @@ def validate_metrics_url(value: str) -> str:
     return _http_url(value, "http://host:9400/metrics")
 
 
+class RegisteredBackend(BackendSettings):
+    """A backend registered at runtime (the admin API, or restored from the state file): the
+    config's fields with bounds a request may not exceed, plus ``ttl_s``."""
+
+    max_concurrent: int = Field(4, ge=1, le=10_000)
+    gpu_metrics_url: str | None = Field(None, max_length=2048)
+    ttl_s: float | None = Field(None, gt=0)
+
+
 def validate_backend_url(value: str) -> str:
     """Accept ``http(s)://host[:port]`` (an optional path prefix is kept); raise ValueError."""
     return _http_url(value, "http://host:port").rstrip("/")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import structlog
+from pydantic import ValidationError
 
 from corral.auth import ClientAuth
 from corral.balancer.admission import Admission
 from corral.balancer.replicas import Replicator
 from corral.balancer.routing import Router
-from corral.config import BackendSettings, Settings
+from corral.config import RegisteredBackend, Settings, format_validation_error
 from corral.errors import DuplicateBackendError
 from corral.fleet.backends import BackendRegistry, BackendState
 from corral.fleet.gpu import GpuSampler, NullSampler, open_sampler
@@ -117,16 +118,16 @@ class Runtime:
             self._count_owed()
         for record in saved.backends:
             try:
-                ttl = record.get("ttl_s")
-                cfg = BackendSettings.model_validate(
-                    {k: v for k, v in record.items() if k != "ttl_s"}
-                )
-                backend = BackendState.from_settings(
-                    cfg, registered=True, ttl_s=float(ttl) if ttl else None
-                )
+                # As strict as the admin API that registered it: the file may have been edited.
+                cfg = RegisteredBackend.model_validate(record)
+                backend = BackendState.from_settings(cfg, registered=True, ttl_s=cfg.ttl_s)
                 self.registry.add(backend)
-            except (KeyError, TypeError, ValueError, DuplicateBackendError) as exc:
-                log.warning("state file entry skipped", entry=record, error=str(exc))
+            except ValidationError as exc:
+                problems = "; ".join(format_validation_error(exc))
+                log.warning("state file entry skipped", entry=_brief(record), error=problems)
+                continue
+            except DuplicateBackendError as exc:
+                log.warning("state file entry skipped", entry=_brief(record), error=str(exc))
                 continue
             log.info("backend restored from state file", backend=backend.id, url=backend.url)
 
@@ -259,3 +260,9 @@ class Runtime:
         self.gpus.close()
         await self.upstream.close()
         log.info("corral stopped")
+
+
+def _brief(record: object) -> str:
+    """A state file entry for a log line: bounded (the file may hold anything)."""
+    text = repr(record)
+    return text if len(text) <= 300 else text[:300] + "…"
