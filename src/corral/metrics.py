@@ -33,6 +33,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._model_labels: set[str] = set()
         self._requests: dict[tuple[str | None, str, str, int], tuple[Any, ...]] = {}
         r = self.registry
         self.requests = Counter(
@@ -224,6 +225,19 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    def model_label(self, model_key: str | None, known: bool, cloud: bool) -> str:
+        """The ``model`` label value of a request: its canonical name when some backend lists
+        it, within :data:`MAX_MODEL_LABELS` distinct names (a backend listing 100,000 models
+        must not make as many series); else "cloud" for a cloud model, or "other"."""
+        labels = self._model_labels
+        if known and model_key is not None:
+            if model_key in labels:
+                return model_key
+            if len(labels) < MAX_MODEL_LABELS:
+                labels.add(model_key)
+                return model_key
+        return "cloud" if cloud else "other"
+
     def observe_request(
         self,
         backend: str | None,
@@ -274,6 +288,9 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+
+# Distinct model names that may become label values (the rest count as "other").
+MAX_MODEL_LABELS = 256
 
 GPU_LABELS = ("gpu", "uuid", "name", "backend")
 

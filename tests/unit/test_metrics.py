@@ -35,3 +35,18 @@ def test_a_removed_backends_series_are_gone() -> None:
         in text
     )
     assert 'corral_placement_actions_total{action="preload",backend="b"} 1.0' in text
+
+
+def test_model_labels_are_bounded_and_canonical() -> None:
+    """Spellings of one model share one label; a backend listing thousands of models makes
+    at most MAX_MODEL_LABELS label values, the rest count as "other"."""
+    from corral.metrics import MAX_MODEL_LABELS
+
+    metrics = Metrics()
+    assert metrics.model_label("llama3.2:latest", True, False) == "llama3.2:latest"
+    assert metrics.model_label("nope:latest", False, False) == "other"
+    assert metrics.model_label("gpt-oss:20b-cloud", False, True) == "cloud"
+    labels = {metrics.model_label(f"m{i}:latest", True, False) for i in range(5000)}
+    assert len(labels) == MAX_MODEL_LABELS
+    assert "other" in labels
+    assert metrics.model_label("llama3.2:latest", True, False) == "llama3.2:latest"

@@ -283,7 +283,7 @@ class OllamaFront:
         route = request.route.name
         # Only models some backend reports become label values (bounded cardinality).
         known = request.model_key in self.registry.known_models
-        label_model = request.model if known else "cloud" if request.cloud else "other"
+        label_model = self.metrics.model_label(request.model_key, known, request.cloud)
         self.metrics.observe_request(
             result.backend,
             route,
