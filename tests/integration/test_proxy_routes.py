@@ -269,3 +269,22 @@ def test_audio_uploads_have_their_own_limit(fleet: Any) -> None:
         nameless = client.post(url, files={"file": b"\0" * 10})
         assert nameless.status_code == 400
         assert nameless.json()["error"]["message"] == "model is required"
+
+
+def test_a_huge_model_name_is_neither_echoed_nor_logged_whole(
+    fleet: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 2 MB model name: the 404 names a cut version of it and the log line stays small."""
+    corral, _, _ = fleet
+    name = "x" * 2_000_000
+    with corral.client() as client:
+        for path in ("/api/chat", "/v1/chat/completions"):
+            r = client.post(path, json={"model": name, "messages": []})
+            assert r.status_code == 404
+            assert len(r.content) < 1000
+            assert "xxxx…" in json.dumps(r.json(), ensure_ascii=False)
+        pulled = client.post("/api/pull", json={"model": name, "stream": False})
+        assert len(pulled.content) < 10_000
+    out = capsys.readouterr().out
+    assert name[:5000] not in out
+    assert len(out) < 50_000

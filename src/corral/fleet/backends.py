@@ -28,6 +28,16 @@ def normalize_model(name: str) -> str:
     return name
 
 
+# No Ollama model name is longer (its parts are capped at 350 + 80 + 80 + 80 characters).
+MAX_MODEL_NAME = 600
+
+
+def shown_name(name: str) -> str:
+    """``name`` as logs and error bodies show it: a name no model can have (too long) is cut,
+    so a 2 MB name is neither logged nor echoed whole."""
+    return name if len(name) <= MAX_MODEL_NAME else name[:100] + "…"
+
+
 def is_cloud(name: str) -> bool:
     """Ollama's cloud models: ``name:cloud``, ``name:tag:cloud``, ``name:tag-cloud`` (the
     backend passes them to ollama.com: no local GPU, no VRAM)."""

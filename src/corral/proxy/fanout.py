@@ -47,7 +47,7 @@ import structlog
 from corral.asgi import Headers, Receive, Scope, Send, header, unless_gone
 from corral.auth import admin_refusal
 from corral.errors import CorralError, UnknownBackendError, UpstreamError, UpstreamTimeoutError
-from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
+from corral.fleet.backends import BackendRegistry, BackendState, normalize_model, shown_name
 from corral.fleet.health import HealthChecker
 from corral.fleet.replays import REPLAYED, Replay, ReplayLedger
 from corral.metrics import Metrics
@@ -164,7 +164,7 @@ class FanOut:
                     return
                 data = _parse(body)
                 name = data.get("model") or data.get("name") or data.get("source")
-                model = name if isinstance(name, str) else None
+                model = shown_name(name) if isinstance(name, str) else None
             targets = self.targets(scope["query_string"])
         except _RefusedError as exc:
             payload = {"error": str(exc)}

@@ -31,7 +31,7 @@ from corral.auth import ClientAuth, presented_key
 from corral.balancer.admission import parse_priority
 from corral.balancer.sessions import continues, session_key
 from corral.errors import RequestError, RoutingError, UpstreamStatusError
-from corral.fleet.backends import BackendRegistry, is_cloud, normalize_model
+from corral.fleet.backends import BackendRegistry, is_cloud, normalize_model, shown_name
 from corral.logs import access_log
 from corral.metrics import Metrics
 from corral.proxy.fanout import FanOut
@@ -247,6 +247,7 @@ class OllamaFront:
         model: str,
         rank: int,
     ) -> RoutedRequest:
+        model = shown_name(model)  # a longer one matches no model: it is only shown
         return RoutedRequest(
             route=route,
             method=scope["method"],
