@@ -82,6 +82,7 @@ class CorralApp:
             ),
             clients=runtime.clients,
             max_body_bytes=int(runtime.settings.server.max_body_mb * 1_000_000),
+            expose_backend=runtime.settings.server.expose_backend_header,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -19,6 +19,7 @@ from corral.asgi import (
     BodyTooLargeError,
     DisconnectWatcher,
     Headers,
+    Message,
     Receive,
     Scope,
     Send,
@@ -39,7 +40,7 @@ from corral.proxy.forward import Forwarder
 from corral.proxy.listing import Listing
 from corral.proxy.passthrough import ACCOUNT, ACCOUNT_PREFIX, WEB, Passthrough
 from corral.proxy.relay import TEXT, Reply, method_not_allowed, not_found, send_bytes
-from corral.proxy.request import Result, Route, RoutedRequest
+from corral.proxy.request import Result, Route, RoutedRequest, forwarded_headers
 from corral.shapes import Shape
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -68,28 +69,6 @@ _RETRIEVE = Route("v1_models_retrieve", "openai")
 TRANSCRIPTIONS = Route("v1_audio_transcriptions", "openai")
 # An upload's own limit: OpenAI's for an audio file, whatever server.max_body_mb says.
 AUDIO_MAX_BYTES = 25 * 1024 * 1024 + 64 * 1024  # 25 MiB of audio and the form around it
-# Request headers that are not forwarded: they belong to one connection (RFC 9110 §7.6.1),
-# corral sets them itself, or they carry corral's own keys.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"content-length",
-        b"expect",
-        b"x-request-id",
-        b"x-priority",
-        b"x-api-key",
-        b"authorization",
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +103,11 @@ class OllamaFront:
         passthrough: Passthrough,
         clients: ClientAuth,
         max_body_bytes: int,
+        expose_backend: bool = True,
     ) -> None:
         self.fallback = fallback
+        # server.expose_backend_header off: answers do not say which backend served them.
+        self.expose_backend = expose_backend
         self.forwarder = forwarder
         self.registry = registry
         self.listing = listing
@@ -164,6 +146,8 @@ class OllamaFront:
             await self.fallback(scope, receive, send)
             return
         entry = self.entry(scope["path"])
+        if not self.expose_backend:
+            send = _without_backend_header(send)
         if entry is None:
             await self.fallback(scope, receive, send)
         elif entry.keyed and self.clients.enabled and not await self._admit(scope, send):
@@ -460,9 +444,17 @@ class OllamaFront:
 
     @staticmethod
     def _forward_headers(scope: Scope, rid: str) -> Headers:
-        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
-        headers.append((b"x-request-id", rid.encode()))
-        return headers
+        return forwarded_headers(scope["headers"], rid)
+
+
+def _without_backend_header(send: Send) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            kept = [(k, v) for k, v in message["headers"] if k != b"x-corral-backend"]
+            message = {**message, "headers": kept}
+        await send(message)
+
+    return sending
 
 
 __all__ = ["AGGREGATED", "MANAGEMENT", "ROUTED", "OllamaFront"]

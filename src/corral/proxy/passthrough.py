@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import time
 
-from corral.asgi import Headers, Receive, Scope, Send, request_id
+from corral.asgi import Receive, Scope, Send, request_id
 from corral.auth import admin_refusal
 from corral.errors import NoBackendError, RequestError, RoutingError, UpstreamError
 from corral.fleet.backends import BackendRegistry, BackendState
 from corral.proxy.relay import Reply
-from corral.proxy.request import Result
+from corral.proxy.request import Result, forwarded_headers
 from corral.upstream import Upstream
 
 ACCOUNT = {"/api/me": ("POST",), "/api/signout": ("POST",), "/api/status": ("GET",)}
@@ -104,13 +104,7 @@ class Passthrough:
         query = scope.get("query_string") or b""
         if query:
             path += "?" + query.decode("latin-1")
-        headers: Headers = [
-            (k, v)
-            for k, v in scope["headers"]
-            if k not in (b"host", b"content-length", b"connection", b"authorization")
-            and k not in (b"x-api-key", b"transfer-encoding", b"x-request-id")
-        ]
-        headers.append((b"x-request-id", reply.request_id.encode()))
+        headers = forwarded_headers(scope["headers"], reply.request_id)
         try:
             resp = await self.upstream.open(
                 scope["method"], backend.url + path, headers, body if body else None

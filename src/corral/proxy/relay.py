@@ -41,6 +41,7 @@ _RESPONSE_SKIP = frozenset(
         b"server",
     }
 )
+_LINES_SKIP = _RESPONSE_SKIP | {b"content-length"}
 # Ollama's final-chunk counters (OpenAI's usage): the tokens generated, and how the backend
 # served (prompt tokens, cache hits, load and prefill times). One pass over the tail.
 # Anthropic's and the Responses API's usage say input_tokens / output_tokens.
@@ -155,10 +156,15 @@ class Reply:
                 f"backend {backend_id} failed before its body: {exc}"
             ) from None
         status = resp.status
-        headers = [(k, v) for k, v in resp.headers if k not in _RESPONSE_SKIP]
+        content_type = resp.header(b"content-type") or b""
+        ndjson, sse = b"ndjson" in content_type, b"event-stream" in content_type
+        lines = ndjson or sse
+        # A line stream may end with corral's error line: never bound it by the backend's
+        # Content-Length.
+        skip = _LINES_SKIP if lines else _RESPONSE_SKIP
+        headers = [(k, v) for k, v in resp.headers if k not in skip]
         headers.append((b"x-corral-backend", backend_id.encode()))
         headers.append((b"x-request-id", self.request_id.encode()))
-        content_type = resp.header(b"content-type") or b""
         first_at = time.perf_counter()
         result.ttft_s = round(first_at - started, 6)  # as the client saw it, queueing included
         send = self.send
@@ -167,12 +173,11 @@ class Reply:
         # The last chunk closes the response in the same write (one syscall fewer).
         ended = not first or resp.at_eof()
         tail = first[-768:]
-        ndjson, sse = b"ndjson" in content_type, b"event-stream" in content_type
-        lines = ndjson or sse
         held = b""
         if lines:
             first, held = _whole_lines(first, ended)
         await send({"type": "http.response.body", "body": first, "more_body": not ended})
+        last = first  # the last bytes sent: does a line stand open?
         error: str | None = None
         try:
             while not ended:
@@ -182,17 +187,24 @@ class Reply:
                 if lines:
                     chunk, held = _whole_lines(held + chunk if held else chunk, ended)
                 await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                if chunk:
+                    last = chunk
         except UpstreamTimeoutError:
             error = f"backend {backend_id} stalled: no data for {idle_s:g}s"
         except UpstreamError as exc:
             error = f"backend {backend_id} failed mid-stream: {exc}"
         if error is not None:
             result.status, result.error = 502, error
+            # A line longer than corral holds went out unfinished: end it first, so that the
+            # error line is a line of its own.
+            open_line = bool(last) and not last.endswith(b"\n")
             if ndjson:
-                await send({"type": "http.response.body", "body": ndjson_error(error)})
+                body = (b"\n" if open_line else b"") + ndjson_error(error)
+                await send({"type": "http.response.body", "body": body})
             elif sse:
-                # The blank line first ends an event whose data line went out without its own.
-                body = b"\n" + sse_error(error, self.shape, self.events)
+                # A blank line first ends an event whose data line went out without its own.
+                end = b"\n\n" if open_line else b"\n"
+                body = end + sse_error(error, self.shape, self.events)
                 await send({"type": "http.response.body", "body": body})
             # A plain body cut short cannot carry an error: returning without finishing the
             # response makes the server close the connection (a truncated body, no traceback).

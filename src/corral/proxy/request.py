@@ -55,3 +55,47 @@ class Result:
     busy: bool = False  # the backend answered Ollama's 503 "server busy" (its queue is full)
     # The backend's final counters (prompt tokens, cache hits, load and prefill times).
     stats: dict[str, int] = field(default_factory=dict)
+
+
+# Request headers that are not forwarded: they belong to one connection (RFC 9110 §7.6.1),
+# corral sets them itself, or they carry corral's own keys.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-request-id",
+        b"x-priority",
+        b"x-api-key",
+        b"authorization",
+    }
+)
+
+
+def forwarded_headers(received: Headers, rid: str) -> Headers:
+    """The request headers a backend gets: without :data:`HOP_BY_HOP` and the headers the
+    client's ``Connection`` names (they belong to its connection, RFC 9110 §7.6.1), with
+    ``X-Request-ID`` set."""
+    headers: Headers = []
+    named: list[bytes] | None = None
+    for k, v in received:
+        if k in HOP_BY_HOP:
+            if k == b"connection":
+                named = (named or []) + [t.strip().lower() for t in v.split(b",")]
+            continue
+        headers.append((k, v))
+    if named:
+        drop = set(named) - {b"keep-alive", b"close", b""}
+        if drop:
+            headers = [(k, v) for k, v in headers if k not in drop]
+    headers.append((b"x-request-id", rid.encode()))
+    return headers

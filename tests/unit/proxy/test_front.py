@@ -14,7 +14,7 @@ import pytest
 from corral.app import CorralApp, create_app
 from corral.errors import UpstreamConnectError
 from corral.fleet.gpu.sampler import NullSampler
-from corral.proxy.front import HOP_BY_HOP
+from corral.proxy.request import HOP_BY_HOP
 from corral.upstream import Upstream
 from tests.helpers import Answer, FakeTransport, asgi_client, base_url, offline_settings
 
@@ -189,3 +189,47 @@ async def test_backend_error_before_the_first_byte_keeps_its_shape(front: Front)
     assert r.json() == {"error": "backend a unreachable: connection refused"}
     assert r.headers["x-request-id"] == "req-7"
     assert json.loads(front.fake.sent("/api/generate")[0].body or b"{}")["model"] == "m"
+
+
+async def test_headers_the_connection_header_names_are_not_forwarded(front: Front) -> None:
+    """``Connection: keep-alive, X-Hop-Secret`` makes X-Hop-Secret a header of the client's
+    connection alone (RFC 9110 §7.6.1): the backend does not get it."""
+    front.fake.script(A, Answer.json(GENERATED))
+    r = await front.client.post(
+        "/api/generate",
+        json={"model": "m", "prompt": "hi", "stream": False},
+        headers=[
+            ("Connection", "keep-alive, X-Hop-Secret"),
+            ("Connection", "x-other-hop"),
+            ("X-Hop-Secret", "mine"),
+            ("X-Other-Hop", "mine too"),
+            ("X-Custom", "passes"),
+        ],
+    )
+    assert r.status_code == 200
+    (sent,) = front.fake.sent("/api/generate")
+    assert sent.header("x-hop-secret") is None
+    assert sent.header("x-other-hop") is None
+    assert sent.header("x-custom") == "passes"
+
+
+async def test_the_backend_header_can_be_turned_off() -> None:
+    """server.expose_backend_header = false: no answer names the backend that served it."""
+    fake = FakeTransport().ollama(A, "m")
+    settings = offline_settings("a", server={"expose_backend_header": False})
+    app = create_app(
+        settings, upstream=Upstream(settings.timeouts, transport=fake), gpu_sampler=NullSampler()
+    )
+    fake.script(A, Answer.json(GENERATED))
+    async with asgi_client(app) as client:
+        served = await client.post(
+            "/api/generate", json={"model": "m", "prompt": "hi", "stream": False}
+        )
+        listed = await client.get("/api/tags")
+        missing = await client.post("/api/generate", json={"model": "nope", "prompt": "hi"})
+    assert served.status_code == 200
+    assert listed.status_code == 200
+    assert missing.status_code == 404
+    for r in (served, listed, missing):
+        assert "x-corral-backend" not in r.headers
+        assert r.headers["x-request-id"]
