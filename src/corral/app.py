@@ -78,10 +78,10 @@ class CorralApp:
                 runtime.upstream,
                 account_backend=runtime.settings.account.backend,
                 admin_key=runtime.admin_key,
-                max_body_bytes=int(runtime.settings.server.max_body_mb * 1_000_000),
+                bodies=runtime.bodies,
             ),
             clients=runtime.clients,
-            max_body_bytes=int(runtime.settings.server.max_body_mb * 1_000_000),
+            bodies=runtime.bodies,
             expose_backend=runtime.settings.server.expose_backend_header,
         )
 

@@ -23,6 +23,7 @@ from corral.fleet.replays import ReplayLedger
 from corral.fleet.state import StateFile
 from corral.lifecycle import Lifecycle
 from corral.metrics import Metrics
+from corral.proxy.bodies import Bodies
 from corral.proxy.fanout import FanOut
 from corral.proxy.forward import Forwarder
 from corral.systemd import sd_notify
@@ -100,6 +101,13 @@ class Runtime:
             open_to_clients=settings.auth.model_management == "clients",
             ledger=self.ledger,
             metrics=self.metrics,
+        )
+        server = settings.server
+        self.bodies = Bodies(
+            int(server.max_body_mb * 1_000_000),
+            server.body_timeout_s,
+            int(server.max_buffered_mb * 1_000_000),
+            self.metrics,
         )
         self.lifecycle = Lifecycle()
         self.draining = False

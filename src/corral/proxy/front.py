@@ -35,6 +35,7 @@ from corral.errors import RequestError, RoutingError, UpstreamStatusError
 from corral.fleet.backends import BackendRegistry, is_cloud, normalize_model, shown_name
 from corral.logs import access_log
 from corral.metrics import Metrics
+from corral.proxy.bodies import Bodies, refusal_headers
 from corral.proxy.fanout import FanOut
 from corral.proxy.forward import Forwarder
 from corral.proxy.listing import Listing
@@ -102,7 +103,7 @@ class OllamaFront:
         fanout: FanOut,
         passthrough: Passthrough,
         clients: ClientAuth,
-        max_body_bytes: int,
+        bodies: Bodies,
         expose_backend: bool = True,
     ) -> None:
         self.fallback = fallback
@@ -114,7 +115,7 @@ class OllamaFront:
         self.metrics = metrics
         self.fanout = fanout
         self.clients = clients
-        self.max_body_bytes = max_body_bytes
+        self.bodies = bodies
         self.table: dict[str, Entry] = {
             **{path: Entry(("POST",), self.routed) for path in ROUTED},
             **{path: Entry(methods, self.aggregated) for path, methods in AGGREGATED.items()},
@@ -165,15 +166,13 @@ class OllamaFront:
         rid = request_id(scope)
         reply = Reply(send, rid, route.shape, events=route.events)
         try:
-            body = await self._read_body(scope, receive)
-            if body is None:
-                return  # the client left
-            request = self._parse(scope, route, body, rid, started)
-        except RequestError as exc:
-            extra = [(b"connection", b"close")] if exc.status == 413 else None
-            await reply.error(exc.status, str(exc), extra)
-            return
-        await self._serve(request, receive, reply)
+            async with self.bodies.read(scope, receive) as body:
+                if body is None:
+                    return  # the client left
+                request = self._parse(scope, route, body, rid, started)
+                await self._serve(request, receive, reply)
+        except RequestError as exc:  # before anything was sent
+            await reply.error(exc.status, str(exc), refusal_headers(exc))
 
     def _parse(
         self, scope: Scope, route: Route, body: bytes, rid: str, started: float
@@ -186,9 +185,9 @@ class OllamaFront:
             # Ollama decodes zstd bodies on its /v1 routes: corral decodes to read the model
             # and forwards the bytes it got.
             try:
-                text = zstd_decoded(body, self.max_body_bytes)
+                text = zstd_decoded(body, self.bodies.limit)
             except BodyTooLargeError:
-                raise self._too_large() from None
+                raise self.bodies.too_large() from None
             except ValueError as exc:
                 raise RequestError(str(exc)) from None
         try:
@@ -315,21 +314,20 @@ class OllamaFront:
         started = time.perf_counter()
         rid = request_id(scope)
         reply = Reply(send, rid, "openai")
+        limit = max(AUDIO_MAX_BYTES, self.bodies.limit)
         try:
-            body = await self._read_body(scope, receive, max(AUDIO_MAX_BYTES, self.max_body_bytes))
-            if body is None:
-                return
-            model = form_field(body, header(scope, b"content-type") or "", "model")
-            if not model or not model.strip():
-                raise RequestError("model is required")
-            rank = self._rank(scope)
-        except RequestError as exc:
-            extra = [(b"connection", b"close")] if exc.status == 413 else None
-            await reply.error(exc.status, str(exc), extra)
-            return
-        request = self._request(scope, TRANSCRIPTIONS, rid, started, body, model, rank)
-        request.stream = False
-        await self._serve(request, receive, reply)
+            async with self.bodies.read(scope, receive, limit) as body:
+                if body is None:
+                    return
+                model = form_field(body, header(scope, b"content-type") or "", "model")
+                if not model or not model.strip():
+                    raise RequestError("model is required")
+                rank = self._rank(scope)
+                request = self._request(scope, TRANSCRIPTIONS, rid, started, body, model, rank)
+                request.stream = False
+                await self._serve(request, receive, reply)
+        except RequestError as exc:  # before anything was sent
+            await reply.error(exc.status, str(exc), refusal_headers(exc))
 
     async def retrieve_model(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``GET /v1/models/{model}``: routed to a backend that has the model."""
@@ -361,23 +359,26 @@ class OllamaFront:
 
     async def manage(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid = request_id(scope)
+        held = self.bodies.read(scope, receive)  # held until the whole operation ends
 
         async def read_body() -> bytes | None:
             try:
-                return await self._read_body(scope, receive)
+                return await held.take()
             except RequestError as exc:
-                extra = [(b"connection", b"close")] if exc.status == 413 else None
-                await Reply(send, rid, "ollama").error(exc.status, str(exc), extra)
+                await Reply(send, rid, "ollama").error(exc.status, str(exc), refusal_headers(exc))
                 return None
 
-        await self.fanout.handle(
-            scope,
-            receive,
-            send,
-            request_id=rid,
-            headers=self._forward_headers(scope, rid),
-            read_body=read_body,
-        )
+        try:
+            await self.fanout.handle(
+                scope,
+                receive,
+                send,
+                request_id=rid,
+                headers=self._forward_headers(scope, rid),
+                read_body=read_body,
+            )
+        finally:
+            held.release()
 
     # The door's checks ------------------------------------------------------------------------
 
@@ -399,48 +400,6 @@ class OllamaFront:
             return False
         scope["corral.client"] = client
         return True
-
-    async def _read_body(
-        self, scope: Scope, receive: Receive, limit: int | None = None
-    ) -> bytes | None:
-        """The whole request body (None: the client left); RequestError 413 past the limit
-        (``server.max_body_mb`` unless told otherwise)."""
-        limit = limit or self.max_body_bytes
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > limit:
-                    raise self._too_large(limit)
-        message = await receive()
-        if not message.get("more_body", False) and message["type"] == "http.request":
-            body: bytes = message.get("body", b"")
-            if len(body) > limit:
-                raise self._too_large(limit)
-            return body
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    raise self._too_large(limit)
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-            message = await receive()
-
-    def _too_large(self, limit: int | None = None) -> RequestError:
-        limit = limit or self.max_body_bytes
-        which = "server.max_body_mb" if limit == self.max_body_bytes else "this route's own"
-        return RequestError(
-            f"request body too large: the limit is {limit / 1_000_000:g} MB ({which})", 413
-        )
 
     @staticmethod
     def _forward_headers(scope: Scope, rid: str) -> Headers:

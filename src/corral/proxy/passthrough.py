@@ -16,6 +16,7 @@ from corral.asgi import Receive, Scope, Send, request_id
 from corral.auth import admin_refusal
 from corral.errors import NoBackendError, RequestError, RoutingError, UpstreamError
 from corral.fleet.backends import BackendRegistry, BackendState
+from corral.proxy.bodies import Bodies, refusal_headers
 from corral.proxy.relay import Reply
 from corral.proxy.request import Result, forwarded_headers
 from corral.upstream import Upstream
@@ -39,13 +40,13 @@ class Passthrough:
         *,
         account_backend: str | None,
         admin_key: str | None,
-        max_body_bytes: int,
+        bodies: Bodies,
     ) -> None:
         self.registry = registry
         self.upstream = upstream
         self.account_backend = account_backend
         self.admin_key = admin_key
-        self.max_body_bytes = max_body_bytes
+        self.bodies = bodies
         self._busy: dict[str, int] = {}
 
     async def account(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -93,13 +94,21 @@ class Passthrough:
         self, scope: Scope, receive: Receive, reply: Reply, backend: BackendState
     ) -> None:
         started = time.perf_counter()
+        held = self.bodies.read(scope, receive)
         try:
-            body = await self._body(receive)
+            body = await held.take()
         except RequestError as exc:
-            await reply.error(exc.status, str(exc), [(b"connection", b"close")])
+            await reply.error(exc.status, str(exc), refusal_headers(exc))
             return
-        if body is None:
-            return  # the client left
+        try:
+            if body is not None:  # None: the client left
+                await self._send_on(scope, reply, backend, body, started)
+        finally:
+            held.release()
+
+    async def _send_on(
+        self, scope: Scope, reply: Reply, backend: BackendState, body: bytes, started: float
+    ) -> None:
         path = scope["path"]
         query = scope.get("query_string") or b""
         if query:
@@ -118,21 +127,6 @@ class Passthrough:
             await reply.fail(_unreachable(backend, exc))
         finally:
             resp.close()
-
-    async def _body(self, receive: Receive) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk: bytes = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise RequestError("request body too large", 413)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
 
 def _unreachable(backend: BackendState, exc: UpstreamError) -> RoutingError:
