@@ -101,6 +101,7 @@ class Runtime:
             open_to_clients=settings.auth.model_management == "clients",
             ledger=self.ledger,
             metrics=self.metrics,
+            body_timeout_s=settings.server.body_timeout_s,
         )
         server = settings.server
         self.bodies = Bodies(

@@ -93,3 +93,17 @@ def test_bodies_held_at_once_are_capped(sim_factory: Any, corral_factory: Any) -
         # the stalled bodies are given back once their clients left
         assert poll(lambda: corral.call(lambda: corral.runtime.bodies.held) == 0, 5)
         assert client.post("/api/chat", content=big).status_code == 200
+
+
+def test_a_stalled_blob_upload_gets_408(sim_factory: Any, corral_factory: Any) -> None:
+    """Blob uploads stream to the backends instead of being held, but a client that stops
+    sending one is let go all the same."""
+    sim = sim_factory(name="a")
+    corral = corral_factory([{"id": "a", "url": sim.url}], server={"body_timeout_s": 0.3})
+    path = "/api/blobs/sha256:" + "ab" * 32
+    with start_upload(corral, 1000, b"x" * 10, path) as sock:
+        status, headers, body = answer(sock)
+    assert status == 408
+    assert headers["connection"] == "close"
+    assert json.loads(body)["error"].startswith("request body timeout")
+    assert refusals(corral, "body_timeout") == 1

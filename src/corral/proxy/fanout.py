@@ -122,6 +122,7 @@ class FanOut:
         open_to_clients: bool,
         ledger: ReplayLedger | None = None,
         metrics: Metrics | None = None,
+        body_timeout_s: float = 60.0,
     ) -> None:
         self.registry = registry
         self.upstream = upstream
@@ -130,6 +131,7 @@ class FanOut:
         self.open_to_clients = open_to_clients
         self.ledger = ledger if ledger is not None else ReplayLedger()
         self.metrics = metrics
+        self.body_timeout_s = body_timeout_s  # the longest pause in a blob upload
         self._replaying: dict[str, asyncio.Task[None]] = {}
 
     async def handle(
@@ -471,9 +473,16 @@ class FanOut:
         pairs = zip(job.targets, feeds, strict=True)
         tasks = [asyncio.create_task(one(b, f)) for b, f in pairs]
         try:
-            if not await _pump(receive, feeds):
+            if not await _pump(receive, feeds, self.body_timeout_s):
                 return None
             outcomes = await unless_gone(receive, asyncio.gather(*tasks))
+        except TimeoutError:  # the client stopped sending: nginx's client_body_timeout
+            if self.metrics is not None:
+                self.metrics.child(self.metrics.edge_refusals, "body_timeout").inc()
+            message = f"request body timeout: nothing received for {self.body_timeout_s:g}s"
+            closing = [*job.reply_headers, (b"connection", b"close")]
+            await _reply(send, 408, {"error": message}, closing)
+            return 408, []
         finally:
             await _cancel(tasks)
         return None if outcomes is None else await self._answer(send, job, list(outcomes))
@@ -552,10 +561,12 @@ class _Feed:
             yield chunk
 
 
-async def _pump(receive: Receive, feeds: list[_Feed]) -> bool:
-    """Copy the request body into every feed; False when the client went away."""
+async def _pump(receive: Receive, feeds: list[_Feed], timeout_s: float) -> bool:
+    """Copy the request body into every feed; False when the client went away, TimeoutError
+    when it sent nothing for ``timeout_s``."""
     while True:
-        message = await receive()
+        async with asyncio.timeout(timeout_s):
+            message = await receive()
         if message["type"] == "http.disconnect":
             return False
         chunk: bytes = message.get("body", b"")
