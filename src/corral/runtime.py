@@ -266,6 +266,7 @@ class Runtime:
     async def stop(self) -> None:
         await self.lifecycle.stop()
         await self.fanout.stop_replays()
+        await self.bodies.close()
         self.gpus.close()
         await self.upstream.close()
         log.info("corral stopped")

@@ -17,7 +17,9 @@ Every refusal but the 413 is counted in ``corral_edge_refusals_total``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import TracebackType
+from typing import Any
 
 from corral.asgi import Headers, Receive, Scope
 from corral.errors import RequestError
@@ -45,6 +47,10 @@ class Bodies:
         self.budget = budget
         self.metrics = metrics
         self.held = 0  # bytes of bodies held now, across all requests
+        # Bodies being read, and when each must have received its next chunk: one sweeper
+        # lets go of stalled ones (a timer per read would cost every request microseconds).
+        self._reading: dict[Body, float] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     def read(self, scope: Scope, receive: Receive, limit: int | None = None) -> Body:
         """``async with bodies.read(scope, receive) as body:`` the whole body (None when the
@@ -66,6 +72,31 @@ class Bodies:
             self.metrics.child(self.metrics.edge_refusals, reason).inc()
         raise BodyRefusedError(message, status, headers)
 
+    def _watch(self, body: Body, deadline: float) -> None:
+        self._reading[body] = deadline
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Every fraction of ``timeout_s``, cancel the reads whose client sent nothing since
+        their deadline; ends when nothing is being read."""
+        loop = asyncio.get_running_loop()
+        every = min(self.timeout_s / 4, 1.0)
+        while self._reading:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for body, deadline in list(self._reading.items()):
+                if now >= deadline:
+                    del self._reading[body]
+                    body.expire()
+
+    async def close(self) -> None:
+        """Stop the sweeper (corral stops)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
     def _take(self, size: int) -> None:
         if self.held + size > self.budget:
             self._refuse(
@@ -80,7 +111,7 @@ class Bodies:
 class Body:
     """One request's body, read on entering and given back to the budget on leaving."""
 
-    __slots__ = ("_bodies", "_held", "_limit", "_receive", "_scope")
+    __slots__ = ("_bodies", "_expired", "_held", "_limit", "_receive", "_scope", "_task")
 
     def __init__(self, bodies: Bodies, scope: Scope, receive: Receive, limit: int) -> None:
         self._bodies = bodies
@@ -88,6 +119,14 @@ class Body:
         self._receive = receive
         self._limit = limit
         self._held = 0
+        self._task: asyncio.Task[Any] | None = None
+        self._expired = False
+
+    def expire(self) -> None:
+        """The client sent nothing for too long: stop waiting for it (see :meth:`take`)."""
+        self._expired = True
+        if self._task is not None:
+            self._task.cancel()
 
     async def take(self) -> bytes | None:
         """Read the body (None: the client left); raises as :meth:`Bodies.read` says."""
@@ -127,30 +166,42 @@ class Body:
                     declared = 0
                 if declared > limit:
                     raise bodies.too_large(limit)
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                async with asyncio.timeout(bodies.timeout_s):
-                    message = await self._receive()
-            except TimeoutError:
-                bodies._refuse(
-                    "body_timeout",
-                    f"request body timeout: nothing received for {bodies.timeout_s:g}s",
-                    408,
-                    [_CLOSE],
-                )
-            if message["type"] == "http.disconnect":
-                return None
-            chunk: bytes = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    raise bodies.too_large(limit)
-                self._take(len(chunk))
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        reading = bodies._reading
+        bodies._watch(self, loop.time() + bodies.timeout_s)
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk: bytes = message.get("body", b"")
+                if chunk:
+                    size += len(chunk)
+                    if size > limit:
+                        raise bodies.too_large(limit)
+                    self._take(len(chunk))
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                if self in reading:
+                    reading[self] = loop.time() + bodies.timeout_s
+        except asyncio.CancelledError:
+            if not self._expired or self._task is None:
+                raise
+            self._task.uncancel()
+            bodies._refuse(
+                "body_timeout",
+                f"request body timeout: nothing received for {bodies.timeout_s:g}s",
+                408,
+                [_CLOSE],
+            )
+            raise  # not reached: _refuse raises
+        finally:
+            reading.pop(self, None)
+            self._task = None
 
 
 def refusal_headers(exc: RequestError) -> Headers | None:
