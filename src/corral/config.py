@@ -230,6 +230,37 @@ class AccountSettings(_Section):
     backend: str | None = None
 
 
+class ClusterSettings(_Section):
+    """Several corral replicas (or ``serve --workers``) sharing state in Redis."""
+
+    # redis://[:password@]host:port/db, or rediss:// for TLS; a secret (never logged).
+    redis_url: SecretStr | None = None
+    name: str = Field("corral", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    lease_s: float = Field(10, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _not_yet(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            raise ValueError(
+                "sharing state through Redis is not available in this version of corral; "
+                "run one corral process"
+            )
+        return value
+
+
+class DiscoverySettings(_Section):
+    """Backends found in DNS: each address of ``dns`` (A/AAAA ``host:port``, or an SRV name
+    ``_service._proto.name``) is a backend, re-resolved every ``interval_s``."""
+
+    dns: str = Field(min_length=1, max_length=253)
+    interval_s: float = Field(10, gt=0)
+    max_concurrent: int = Field(4, ge=1)
+    max_loaded_models: int = Field(3, ge=0)
+    # Each discovered backend's DCGM exporter: "{host}" is replaced by the pod's address.
+    gpu_metrics_url: str | None = None
+
+
 class AuthSettings(_Section):
     admin_key_file: Path | None = None
     client_keys_file: Path | None = None
@@ -356,6 +387,8 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     placement: PlacementSettings = PlacementSettings()
     account: AccountSettings = AccountSettings()
+    cluster: ClusterSettings = ClusterSettings()
+    discovery: list[DiscoverySettings] = []
     backends: list[BackendSettings] = []
     # Secrets: environment (CORRAL_ADMIN_KEY, CORRAL_CLIENT_KEYS) or [auth] files only.
     admin_key: SecretStr | None = None
