@@ -106,6 +106,7 @@ class CorralThread:
             access_log=False,
             log_config=None,
             log_level="warning",
+            proxy_headers=False,  # as corral serve: corral reads forwarding headers itself
         )
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -550,7 +551,7 @@ async def asgi_client(app: CorralApp, **kw: Any) -> AsyncIterator[httpx.AsyncCli
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://corral.test", **kw
+            transport=transport, base_url="http://127.0.0.1", **kw
         ) as client:
             yield client
     finally:

@@ -18,22 +18,33 @@ from corral.asgi import Headers, Scope, header
 
 
 def is_loopback(host: str | None) -> bool:
+    """A loopback address (an IPv4-mapped one too) or ``localhost``."""
     try:
-        return ipaddress.ip_address(host or "").is_loopback
+        address = ipaddress.ip_address(host or "")
     except ValueError:
         return host == "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def admin_denial(
-    key: str | None, api_key: str | None, authorization: str | None, client_host: str | None
+    key: str | None,
+    api_key: str | None,
+    authorization: str | None,
+    client_host: str | None,
+    *,
+    local: bool | None = None,
 ) -> tuple[int, str] | None:
     """Why a caller may not use an admin-only route, as (status, message); None if it may.
 
     ``X-API-Key`` or an ``Authorization: Bearer`` token must equal ``key`` (constant-time
-    comparison); with no key configured only loopback callers are let in.
+    comparison); with no key configured only local callers are let in. ``local`` is the edge
+    guard's verdict (:mod:`corral.guard`: a loopback peer, a loopback ``Host`` and no proxy
+    between); without one, a loopback ``client_host`` is local.
     """
     if key is None:
-        if is_loopback(client_host):
+        if local if local is not None else is_loopback(client_host):
             return None
         return 403, "the admin API only answers loopback callers when no admin key is set"
     given = api_key
@@ -47,13 +58,15 @@ def admin_denial(
 
 def admin_refusal(key: str | None, scope: Scope) -> tuple[int, str, Headers] | None:
     """:func:`admin_denial` for an ASGI request: (status, message, headers to add), or None
-    when the caller may use an admin-only route."""
+    when the caller may use an admin-only route. Locality is the edge guard's
+    ``scope["corral.local"]`` when it ran, else the peer's address."""
     client = scope.get("client")
     denied = admin_denial(
         key,
         header(scope, b"x-api-key"),
         header(scope, b"authorization"),
         client[0] if client else None,
+        local=scope.get("corral.local"),
     )
     if denied is None:
         return None

@@ -214,7 +214,8 @@ def sim() -> Iterator[SimProcess]:
 def start_corral(backend_url: str, *, admin_key: str | None) -> AsgiHarness:
     """corral (lifespan started) in front of one backend; ``admin_key`` None: loopback only."""
     overrides: dict[str, Any] = {
-        "server": {"max_body_mb": MAX_BODY_BYTES / 1_000_000, "drain_timeout_s": 1},
+        # docs: the fuzzer reads the admin API's schema from /openapi.json.
+        "server": {"max_body_mb": MAX_BODY_BYTES / 1_000_000, "drain_timeout_s": 1, "docs": True},
         # Probes at the start and on demand only: no example may depend on a probe's timing.
         # No ejection by error rate: the simulator, like Ollama, answers some bad requests
         # with a 500, and the only backend would leave the rotation halfway through a run.

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from corral.guard import host_name, is_loopback_name
 from corral.proxy.front import MANAGEMENT, ROUTED
 from corral.sim.harness import SimProcess
 from tests.fuzz.conftest import (
@@ -201,9 +202,17 @@ def _priority_ok(headers: list[tuple[bytes, bytes]]) -> bool:
     return text in ("", "low", "normal", "high", "urgent")
 
 
+def _foreign_host(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Bound to loopback, corral refuses a Host that is not a loopback name (DNS rebinding)."""
+    value = next((v for n, v in headers if n == b"host"), None)
+    return bool(value) and not is_loopback_name(host_name(value.decode("latin-1")))
+
+
 def refusal(path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> int | None:
     """The status corral must answer by itself for a POST to a routed ``path``, or None when
     the request is good enough to go to a backend."""
+    if _foreign_host(headers):
+        return 403
     if len(body) > MAX_BODY_BYTES or _declared(headers) > MAX_BODY_BYTES:
         return 413
     if not body:
@@ -477,7 +486,9 @@ def test_methods_and_model_paths(front: AsgiHarness) -> None:
     def run(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> None:
         reply = front.request(method, path, headers=headers)
         check_shape(reply, path)
-        if path.startswith("/v1/models/"):
+        if _foreign_host(headers):
+            assert reply.status == 403
+        elif path.startswith("/v1/models/"):
             name = path[len("/v1/models/") :]
             if method != "GET":
                 assert reply.status == 405
@@ -619,7 +630,7 @@ def _exchange(port: int, raw: bytes, *, half_close: bool = False) -> list[int]:
 
 
 def _post(length: bytes | None, body: bytes, *, extra: bytes = b"") -> bytes:
-    head = b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     if length is not None:
         head += b"Content-Length: " + length + b"\r\n"
     return head + extra + b"\r\n" + body

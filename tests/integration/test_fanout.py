@@ -248,7 +248,7 @@ async def test_remote_caller_without_admin_key_is_403() -> None:
     app = create_app(make_settings([{"id": "a", "url": "http://127.0.0.1:9"}]))
     for host, status in (("203.0.113.7", 403), ("127.0.0.1", 503)):
         transport = httpx.ASGITransport(app=app, client=(host, 4000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://corral") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             r = await client.post("/api/pull", json={"model": "tinyllama"})
         assert r.status_code == status
         assert set(r.json()) == {"error"}

@@ -55,7 +55,7 @@ def test_backend_sees_rewritten_host_and_request_id(fleet: Any) -> None:
             r = client.post(
                 "/api/generate",
                 json={"model": "llama3.2", "prompt": "x", "stream": False},
-                headers={"Host": "corral.example.com", "X-Request-ID": "abc"},
+                headers={"Host": "localhost", "X-Request-ID": "abc"},
             )
             assert r.status_code == 200
     for sim in (a, b):

@@ -153,7 +153,8 @@ def test_admin_port_moves_admin_metrics_and_ui_to_a_loopback_listener(
     tmp_path: Path, sim_factory: Any
 ) -> None:
     """With server.admin_port the main port serves Ollama routes, /healthz and /readyz only;
-    the admin API, /metrics, /ui and /docs answer on the admin listener; SIGTERM stops both."""
+    the admin API, /metrics and /ui answer on the admin listener (/docs on neither: off by
+    default); SIGTERM stops both."""
     sim = sim_factory(name="a")
     admin_port = free_port()
     proc, url = serve(
@@ -168,9 +169,10 @@ def test_admin_port_moves_admin_metrics_and_ui_to_a_loopback_listener(
             gen = {"model": "llama3.2", "prompt": "x", "stream": False}
             assert c.post(f"{url}/api/generate", json=gen).status_code == 200
             assert c.get(f"{url}/healthz").status_code == 200
-            for path in ("/api/v1/loadbalancer/loads", "/metrics", "/ui", "/docs"):
+            for path in ("/api/v1/loadbalancer/loads", "/metrics", "/ui"):
                 assert c.get(f"{url}{path}").status_code == 404, path
                 assert c.get(f"{admin}{path}").status_code == 200, path
+            assert c.get(f"{admin}/docs").status_code == 404
             assert "gpu0" in c.get(f"{admin}/api/v1/loadbalancer/loads").json()["loads"]
             assert 'corral_requests_total{backend="gpu0"' in c.get(f"{admin}/metrics").text
             assert c.post(f"{admin}/api/generate", json=gen).status_code == 404

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.auth import admin_denial
+from corral.auth import admin_refusal
 from corral.config import BackendSettings
 from corral.errors import (
     DuplicateBackendError,
@@ -33,15 +33,11 @@ def _runtime(request: Request) -> Runtime:
 
 
 def require_admin(request: Request) -> None:
-    """X-API-Key or Bearer must match the admin key; with no key set, loopback callers only."""
-    denied = admin_denial(
-        _runtime(request).admin_key,
-        request.headers.get("x-api-key"),
-        request.headers.get("authorization"),
-        request.client.host if request.client else None,
-    )
+    """X-API-Key or Bearer must match the admin key; with no key set, local callers only
+    (a loopback peer and ``Host``, no proxy between: the edge guard's ``corral.local``)."""
+    denied = admin_refusal(_runtime(request).admin_key, request.scope)
     if denied is not None:
-        status, message = denied
+        status, message, _ = denied
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         raise HTTPException(status, message, headers=headers)
 
@@ -330,7 +326,8 @@ def _samples(runtime: Runtime, name: str) -> list[Any]:
 
 
 def health_routes(*, metrics: bool = True) -> APIRouter:
-    """``/healthz``, ``/readyz`` and (unless ``metrics`` is False) ``/metrics``: no key needed."""
+    """``/healthz``, ``/readyz`` and (unless ``metrics`` is False) ``/metrics``: no key needed,
+    except for ``/metrics`` with ``server.metrics_auth`` (then as the admin API)."""
     plain = APIRouter()
 
     @plain.get("/healthz")
@@ -352,7 +349,10 @@ def health_routes(*, metrics: bool = True) -> APIRouter:
     if metrics:
 
         @plain.get("/metrics")
-        async def render_metrics(runtime: RuntimeDep) -> Response:
+        async def render_metrics(request: Request, runtime: RuntimeDep) -> Response:
+            # server.metrics_auth: the admin key, as the admin API takes it.
+            if runtime.settings.server.metrics_auth:
+                require_admin(request)
             return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
 
     return plain
