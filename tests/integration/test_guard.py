@@ -169,9 +169,12 @@ def test_a_keyless_admin_call_relayed_by_a_local_proxy_is_refused(corral: Any) -
         assert c.post("/api/chat", json=CHAT, headers={"X-Forwarded-For": "1.2.3.4"}).is_success
 
 
-async def test_trusted_proxies_make_the_forwarded_address_the_client(sim: Any) -> None:
+async def test_trusted_proxies_make_the_forwarded_address_the_client(
+    sim: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     """From a trusted proxy the forwarded address is ``scope["client"]`` for everything behind
-    the guard (logs, limits, the loopback rule); from another peer the header is ignored."""
+    the guard (the access log's remote_addr, the loopback rule); from another peer the header
+    is ignored."""
     settings = make_settings(
         [{"id": "gpu0", "url": sim.url}], server={"trusted_proxies": ["127.0.0.1"]}
     )
@@ -190,6 +193,7 @@ async def test_trusted_proxies_make_the_forwarded_address_the_client(sim: Any) -
         assert (await c.get(f"{LB}/loads", headers=xff)).status_code == 403
         assert (await c.post("/api/chat", json=CHAT, headers=xff)).status_code == 200
         assert seen == [("198.51.100.4", 0)] * 2
+        assert "remote_addr=198.51.100.4" in capsys.readouterr().out
         seen.clear()
         transport = httpx.ASGITransport(app=app, client=("192.0.2.1", 4000))
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as other:

@@ -244,6 +244,7 @@ class OllamaFront:
             rank=rank,
             client=scope.get("corral.client"),
             cloud=is_cloud(model),
+            remote_addr=peer[0] if (peer := scope.get("client")) else None,
         )
 
     async def _serve(self, request: RoutedRequest, receive: Receive, reply: Reply) -> None:
@@ -294,6 +295,8 @@ class OllamaFront:
             fields["error"] = result.error
         if request.client is not None:
             fields["client"] = request.client.name  # the key's name; keys are never logged
+        if request.remote_addr is not None:
+            fields["remote_addr"] = request.remote_addr
         access_log.request(fields)
 
     def _rank(self, scope: Scope) -> int:

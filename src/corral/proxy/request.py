@@ -40,6 +40,8 @@ class RoutedRequest:
     num_ctx: int | None = None
     client: ClientKey | None = None
     cloud: bool = False  # runs on Ollama's cloud through a backend (no GPU of corral's)
+    # The client's address: the TCP peer, or the one a trusted proxy names (corral.guard).
+    remote_addr: str | None = None
 
 
 @dataclass(slots=True)
