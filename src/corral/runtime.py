@@ -14,6 +14,7 @@ from corral.balancer.routing import Router
 from corral.config import RegisteredBackend, Settings, format_validation_error
 from corral.errors import DuplicateBackendError
 from corral.fleet.backends import BackendRegistry, BackendState
+from corral.fleet.discovery import Discovery
 from corral.fleet.gpu import GpuSampler, NullSampler, open_sampler
 from corral.fleet.gpu.poller import GpuPoller
 from corral.fleet.health import HealthChecker
@@ -116,6 +117,11 @@ class Runtime:
         self.state = StateFile(settings.server.state_file) if settings.server.state_file else None
         self._restore()
         self.registry.on_change(self._on_change)
+        # [[discovery]]: backends found in DNS (never in the state file: DNS has them).
+        self.discovery = [
+            Discovery(self.registry, entry, drain_timeout_s=settings.server.drain_timeout_s)
+            for entry in settings.discovery
+        ]
 
     def _restore(self) -> None:
         """Re-register the backends the state file remembers (dynamic ones must heartbeat)."""
@@ -184,6 +190,14 @@ class Runtime:
 
     async def start(self) -> None:
         """Probe every backend once (bounded), then keep probing in the background."""
+        if self.discovery:  # the first lookups, so that the first probe sees what they found
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(d.refresh() for d in self.discovery)),
+                    max(d.settings.interval_s for d in self.discovery),
+                )
+            except TimeoutError:
+                log.warning("initial DNS discovery did not finish in time")
         try:
             await asyncio.wait_for(self.health.probe_all(), self.settings.health.timeout_s + 1)
         except TimeoutError:
@@ -203,6 +217,8 @@ class Runtime:
         self.lifecycle.start("gpus", self.gpus.run())
         self.lifecycle.start("loop-lag", self._watch_loop_lag())
         self.lifecycle.start("replays", self.fanout.run_replays())
+        for number, discovery in enumerate(self.discovery):
+            self.lifecycle.start(f"discovery-{number}", discovery.run())
         if self.settings.placement.enabled and self.placement.priority:
             self.lifecycle.start("placement", self.placement.run())
         placement = self.settings.placement
