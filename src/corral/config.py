@@ -8,7 +8,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -249,6 +249,53 @@ class ClusterSettings(_Section):
         return value
 
 
+# What a [[discovery]] dns names.
+OLLAMA_PORT = 11434
+# _service._proto.name: an SRV name (RFC 2782).
+_SRV = re.compile(r"^_[^.]+\._(tcp|udp)\..+$", re.IGNORECASE)
+
+
+class Target(NamedTuple):
+    """What one ``[[discovery]] dns`` names: ``host`` and ``port``, or an SRV name
+    (``port`` None)."""
+
+    name: str
+    port: int | None
+
+    @property
+    def srv(self) -> bool:
+        return self.port is None
+
+
+def parse_target(dns: str) -> Target:
+    """``host:port`` (A/AAAA), ``_service._proto.name`` (SRV) or ``host`` (port 11434).
+
+    Raises ValueError for a bad port or an empty name.
+    """
+    text = dns.strip()  # a final dot (an absolute name) is kept: no search domain is tried
+    if _SRV.match(text):
+        return Target(text, None)
+    host, port = text, OLLAMA_PORT
+    if text.startswith("["):  # [v6]:port
+        inner, _, rest = text[1:].partition("]")
+        host = inner
+        if rest:
+            port = _port(rest.removeprefix(":"), dns)
+    elif text.count(":") == 1:
+        host, _, raw = text.partition(":")
+        port = _port(raw, dns)
+    host = host.strip()
+    if not host.strip("."):
+        raise ValueError(f"{dns!r}: no host name")
+    return Target(host, port)
+
+
+def _port(raw: str, dns: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ValueError(f"{dns!r}: the port must be a number from 1 to 65535")
+    return int(raw)
+
+
 class DiscoverySettings(_Section):
     """Backends found in DNS: each address of ``dns`` (A/AAAA ``host:port``, or an SRV name
     ``_service._proto.name``) is a backend, re-resolved every ``interval_s``."""
@@ -259,6 +306,19 @@ class DiscoverySettings(_Section):
     max_loaded_models: int = Field(3, ge=0)
     # Each discovered backend's DCGM exporter: "{host}" is replaced by the pod's address.
     gpu_metrics_url: str | None = None
+
+    @field_validator("dns")
+    @classmethod
+    def _target(cls, value: str) -> str:
+        parse_target(value)  # ValueError: a bad port or no name
+        return value
+
+    @field_validator("gpu_metrics_url")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            _http_url(value.replace("{host}", "10.0.0.1"), "http://{host}:9400/metrics")
+        return value
 
 
 class AuthSettings(_Section):

@@ -27,7 +27,12 @@ from typing import Any, NamedTuple, Protocol
 import structlog
 from pydantic import ValidationError
 
-from corral.config import BackendSettings, DiscoverySettings, format_validation_error
+from corral.config import (
+    BackendSettings,
+    DiscoverySettings,
+    format_validation_error,
+    parse_target,
+)
 from corral.errors import ConfigError, CorralError, DuplicateBackendError, UnknownBackendError
 from corral.fleet.backends import BackendRegistry, BackendState
 
@@ -35,57 +40,13 @@ log = structlog.get_logger("corral.discovery")
 
 Clock = Callable[[], float]
 
-OLLAMA_PORT = 11434
 # Backend ids: BackendSettings' pattern, at most 64 characters.
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]+")
 _PREFIX_MAX = 18  # leaves room for the longest IPv6 address (39) and a port
-# _service._proto.name: an SRV name (RFC 2782).
-_SRV = re.compile(r"^_[^.]+\._(tcp|udp)\..+$", re.IGNORECASE)
 
 
 class ResolutionError(CorralError):
     """A DNS lookup failed (no such name, no answer in time, no usable record)."""
-
-
-class Target(NamedTuple):
-    """What one ``[[discovery]] dns`` names: ``host`` and ``port``, or an SRV name
-    (``port`` None)."""
-
-    name: str
-    port: int | None
-
-    @property
-    def srv(self) -> bool:
-        return self.port is None
-
-
-def parse_target(dns: str) -> Target:
-    """``host:port`` (A/AAAA), ``_service._proto.name`` (SRV) or ``host`` (port 11434).
-
-    Raises ValueError for a bad port or an empty name.
-    """
-    text = dns.strip()  # a final dot (an absolute name) is kept: no search domain is tried
-    if _SRV.match(text):
-        return Target(text, None)
-    host, port = text, OLLAMA_PORT
-    if text.startswith("["):  # [v6]:port
-        inner, _, rest = text[1:].partition("]")
-        host = inner
-        if rest:
-            port = _port(rest.removeprefix(":"), dns)
-    elif text.count(":") == 1:
-        host, _, raw = text.partition(":")
-        port = _port(raw, dns)
-    host = host.strip()
-    if not host.strip("."):
-        raise ValueError(f"{dns!r}: no host name")
-    return Target(host, port)
-
-
-def _port(raw: str, dns: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
-        raise ValueError(f"{dns!r}: the port must be a number from 1 to 65535")
-    return int(raw)
 
 
 class Resolver(Protocol):
@@ -181,10 +142,7 @@ class Discovery:
         resolver: Resolver | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
-        try:
-            self.target = parse_target(settings.dns)
-        except ValueError as exc:
-            raise ConfigError([f"discovery.dns: {exc}"]) from None
+        self.target = parse_target(settings.dns)  # checked already when the config was read
         self.registry = registry
         self.settings = settings
         self.drain_timeout_s = drain_timeout_s

@@ -11,17 +11,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from corral.config import BackendSettings, DiscoverySettings, load_config
+from corral.config import BackendSettings, DiscoverySettings, Target, load_config, parse_target
 from corral.errors import ConfigError
 from corral.fleet.backends import BackendRegistry, BackendState
-from corral.fleet.discovery import (
-    Discovery,
-    Endpoint,
-    ResolutionError,
-    SystemResolver,
-    Target,
-    parse_target,
-)
+from corral.fleet.discovery import Discovery, Endpoint, ResolutionError, SystemResolver
 from corral.fleet.gpu.sampler import NullSampler
 from corral.runtime import Runtime
 from corral.upstream import Upstream
@@ -109,9 +102,10 @@ def test_the_dns_setting_names_a_host_and_port_or_an_srv_name(dns: str, target: 
 
 
 @pytest.mark.parametrize("dns", ["ollama:http", "ollama:0", "ollama:70000", ":11434"])
-def test_a_bad_dns_setting_is_a_config_error(dns: str, clock: FakeClock) -> None:
-    with pytest.raises(ConfigError, match=r"discovery\.dns"):
-        discovery(BackendRegistry(), StubResolver(), clock, name=dns)
+def test_a_bad_dns_setting_is_a_config_error(dns: str) -> None:
+    """Told when the configuration is read, as every other config error."""
+    with pytest.raises(ConfigError, match=r"discovery\.0\.dns"):
+        load_config(None, overrides={"discovery": [{"dns": dns}]}, env={})
 
 
 async def test_pods_that_appear_are_added_with_the_entrys_settings(
@@ -393,9 +387,10 @@ async def test_a_clash_with_a_configured_backend_is_skipped_and_told_once(
     assert not configured.draining
 
 
-def test_a_bad_gpu_metrics_template_is_a_config_error(clock: FakeClock) -> None:
-    with pytest.raises(ConfigError, match="gpu_metrics_url"):
-        discovery(BackendRegistry(), StubResolver(), clock, gpu_metrics_url="{host}:9400")
+def test_a_bad_gpu_metrics_template_is_a_config_error() -> None:
+    entry = {"dns": "ollama:11434", "gpu_metrics_url": "{host}:9400"}
+    with pytest.raises(ConfigError, match=r"discovery\.0\.gpu_metrics_url"):
+        load_config(None, overrides={"discovery": [entry]}, env={})
 
 
 # The system resolver, with the lookups stubbed -----------------------------------------------
