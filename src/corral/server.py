@@ -13,7 +13,8 @@ import structlog
 import uvicorn
 
 from corral.app import CorralApp, create_app
-from corral.config import Settings
+from corral.config import ServerSettings, Settings
+from corral.listener import ADMIN_HEADROOM, ConnectionGate, EdgeLimits, edge_protocol
 from corral.logs import configure_logging
 from corral.systemd import sd_notify
 
@@ -89,18 +90,52 @@ class _AdminServer(uvicorn.Server):
         yield
 
 
-def uvicorn_config(app: CorralApp, settings: Settings, **kwargs: object) -> uvicorn.Config:
+def connection_gate(app: CorralApp, settings: Settings, *, admin: bool) -> ConnectionGate:
+    """The process's one gate on client connections; logs the cap if descriptors lower it."""
+    server = settings.server
+    gate = ConnectionGate(
+        server.max_connections, app.runtime.metrics, headroom=ADMIN_HEADROOM if admin else 0
+    )
+    if gate.cap < server.max_connections:
+        log.warning(
+            "descriptor limit lowers max_connections",
+            max_connections=server.max_connections,
+            effective=gate.cap,
+            nofile=gate.nofile,
+        )
+    return gate
+
+
+def _edge(
+    server: ServerSettings, gate: ConnectionGate, headroom: int = 0
+) -> type[asyncio.Protocol]:
+    """The listener's protocol: uvicorn's httptools one with the edge's limits."""
+    limits = EdgeLimits(
+        gate,
+        header_timeout_s=server.header_timeout_s,
+        max_header_bytes=server.max_header_bytes,
+        max_headers=server.max_headers,
+        headroom=headroom,
+    )
+    return edge_protocol(limits)
+
+
+def uvicorn_config(
+    app: CorralApp, settings: Settings, *, gate: ConnectionGate | None = None, **kwargs: object
+) -> uvicorn.Config:
+    if gate is None:
+        gate = connection_gate(app, settings, admin=False)
     return uvicorn.Config(
         app,
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
-        http="httptools",
+        http=_edge(settings.server, gate),
         lifespan="on",
         access_log=False,
         log_config=None,
         log_level=settings.server.log_level,
-        timeout_keep_alive=75,
+        timeout_keep_alive=settings.server.idle_timeout_s,  # type: ignore[arg-type]
         # corral reads no X-Forwarded-* headers; skipping uvicorn's middleware saves CPU.
         proxy_headers=False,
         # After the drain, streams still open get a short last chance before the cut.
@@ -112,20 +147,23 @@ def uvicorn_config(app: CorralApp, settings: Settings, **kwargs: object) -> uvic
 def build_server(settings: Settings) -> CorralServer:
     app = create_app(settings)
     admin = None
+    gate = connection_gate(app, settings, admin=app.admin_api is not None)
     if app.admin_api is not None and settings.server.admin_port is not None:
         admin = uvicorn.Config(
             app.admin_api,
             host=settings.server.admin_host,
             port=settings.server.admin_port,
             loop="none",
-            http="httptools",
+            # The same limits, and the same gate plus a few connections of its own.
+            http=_edge(settings.server, gate, headroom=gate.headroom),
             lifespan="off",  # the main app's lifespan starts and stops the shared runtime
             access_log=False,
             log_config=None,
             log_level=settings.server.log_level,
+            timeout_keep_alive=settings.server.idle_timeout_s,  # type: ignore[arg-type]
             proxy_headers=False,
         )
-    return CorralServer(uvicorn_config(app, settings), app, admin)
+    return CorralServer(uvicorn_config(app, settings, gate=gate), app, admin)
 
 
 def run_server(settings: Settings) -> None:
