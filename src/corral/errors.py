@@ -18,11 +18,18 @@ CorralError
         ├── UpstreamTimeoutError    sent, no answer in time: never retried (the GPU may be
         │                           working on it)                                         -> 504
         ├── UpstreamBrokenError     the connection broke or the answer was malformed       -> 502
+        │   └── UpstreamMalformedError  an answer corral cannot use (``reason`` labels
+        │       │                       ``corral_backend_malformed``): not HTTP       -> 502
+        │       ├── UpstreamTooLargeError   a body over corral's cap
+        │       ├── UpstreamRedirectError   a 3xx (an Ollama never redirects)
+        │       └── UpstreamBadBodyError    a body that is not the JSON asked for
         └── UpstreamStatusError     the backend answered 5xx before the client saw a byte  -> 5xx
 
 An ``UpstreamError`` carries ``retry_reason``, the label of ``corral_retries_total`` when the
-request is tried on another backend. After the first byte reached the client nothing is raised
-to the client any more: the relay ends the stream with an error line (or cuts a plain body).
+request is tried on another backend. Its message goes to clients, so it never names the
+backend's host or port: those are in ``address``, for logs. After the first byte reached the
+client nothing is raised to the client any more: the relay ends the stream with an error line
+(or cuts a plain body).
 """
 
 from __future__ import annotations
@@ -101,10 +108,19 @@ class RequestError(RoutingError):
 
 
 class UpstreamError(RoutingError):
-    """A backend failed; ``retry_reason`` labels the retry it may cause."""
+    """A backend failed; ``retry_reason`` labels the retry it may cause.
+
+    The message may reach a client: it names no host, port or URL. ``address`` (the backend's
+    ``host:port`` or URL) is for logs only."""
 
     status = 502
     retry_reason = "error"
+    address: str | None = None
+
+    def __init__(self, *args: object, address: str | None = None) -> None:
+        super().__init__(*args)
+        if address is not None:
+            self.address = address
 
 
 class UpstreamConnectError(UpstreamError):
@@ -124,6 +140,36 @@ class UpstreamBrokenError(UpstreamError):
     """The connection closed or reset, or the answer was not valid HTTP."""
 
     retry_reason = "connect"
+
+
+class UpstreamMalformedError(UpstreamBrokenError):
+    """The backend answered, but not with something corral can use: not HTTP (a bad status
+    line, an oversized header), a body over corral's cap, a redirect. A failure before the
+    first byte like a broken connection (retried elsewhere), but the backend is reachable, so a
+    good probe does not lift the ejection it earns. ``reason`` labels
+    ``corral_backend_malformed``."""
+
+    reason = "malformed_http"
+    retry_reason = "malformed"
+
+
+class UpstreamTooLargeError(UpstreamMalformedError):
+    """A body corral buffers was over its cap; the read stopped there."""
+
+    reason = "too_large"
+
+
+class UpstreamRedirectError(UpstreamMalformedError):
+    """A 3xx: an Ollama never redirects, so the backend is misconfigured or hostile. The
+    ``Location`` is never relayed."""
+
+    reason = "redirect"
+
+
+class UpstreamBadBodyError(UpstreamMalformedError):
+    """A body that is not the JSON asked for (a listing, a version, a model list)."""
+
+    reason = "bad_entry"
 
 
 class UpstreamStatusError(UpstreamError):

@@ -17,7 +17,12 @@ cookie jar); this does the little corral needs with futures and callbacks only:
 - a connection goes back to the pool only once its response was received completely and it
   is reusable (keep-alive); a cancelled or closed-early response closes its socket;
 - errors are corral's (``corral.errors``): ConnectError is an UpstreamConnectError, the two
-  timeouts UpstreamTimeoutErrors, BrokenResponseError an UpstreamBrokenError;
+  timeouts UpstreamTimeoutErrors, BrokenResponseError an UpstreamBrokenError, and
+  MalformedResponseError (not HTTP, a status outside 100-599, a header line over 8 KiB, a
+  response head over 64 KiB) also an UpstreamMalformedError. Their messages name no host or
+  port (clients may read them); the address is the error's ``address``, for logs;
+- a response head is read into at most ``_MAX_HEAD_BYTES``: a backend that sends headers
+  forever costs a bounded amount of memory;
 - a request that fails on a reused connection before any response byte arrived (the server
   closed the idle connection at the same moment) is sent again once on a fresh connection,
   when its body can be replayed (``bytes`` or ``None``), as aiohttp and urllib3 do.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import ssl
 from collections.abc import AsyncIterable
@@ -34,7 +40,12 @@ from typing import Any, cast
 
 import httptools
 
-from corral.errors import UpstreamBrokenError, UpstreamConnectError, UpstreamTimeoutError
+from corral.errors import (
+    UpstreamBrokenError,
+    UpstreamConnectError,
+    UpstreamMalformedError,
+    UpstreamTimeoutError,
+)
 
 __all__ = [
     "BrokenResponseError",
@@ -43,10 +54,16 @@ __all__ = [
     "Http1Pool",
     "Http1Response",
     "IdleTimeoutError",
+    "MalformedResponseError",
+    "connect_failure",
 ]
 
 # Unread body bytes past which the socket stops being read (until the reader drains them).
 _HIGH_WATER = 256 * 1024
+# A response head (status line and headers) corral reads at most; one header line at most.
+# Ollama sends a few hundred bytes; nginx refuses an upstream head over 4-8 KiB.
+_MAX_HEAD_BYTES = 64 * 1024
+_MAX_HEADER_LINE = 8 * 1024
 _URL_CACHE_MAX = 1024
 # Request headers the pool writes itself: a caller's copy is dropped.
 _OWN_HEADERS = frozenset((b"host", b"content-length", b"transfer-encoding"))
@@ -55,6 +72,7 @@ _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHI
 _BAD_TARGET = (" ", "\r", "\n", "\t", "\x00")
 
 Key = tuple[str, int, bool]  # host, port, TLS
+_PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
 class ConnectError(UpstreamConnectError):
@@ -71,6 +89,15 @@ class IdleTimeoutError(UpstreamTimeoutError):
 
 class BrokenResponseError(UpstreamBrokenError):
     """The connection closed or reset, or the response was malformed, before it completed."""
+
+
+class MalformedResponseError(BrokenResponseError, UpstreamMalformedError):
+    """The response is not HTTP/1.1 corral accepts: a parse error, a status outside 100-599,
+    a header line over 8 KiB, a head over 64 KiB, a protocol switch."""
+
+
+class _Malformed(Exception):
+    """Raised from a parser callback: the response is malformed (the message says how)."""
 
 
 class _StaleConnectionError(Exception):
@@ -265,7 +292,7 @@ class _Conn(asyncio.Protocol):
         self.resp: Http1Response | None = None
         self.lost = False
         self.reused = False  # taken from the idle list (so it may have gone stale)
-        self.got_bytes = False  # some byte of the current response arrived
+        self.head_bytes = 0  # bytes of the current response's head so far (0: none arrived)
         self.idle_since = 0.0
         self.read_paused = False
         self.write_paused = False
@@ -316,10 +343,28 @@ class _Conn(asyncio.Protocol):
             # Bytes on an idle connection: no request asked for them. Do not trust it again.
             self.close()
             return
-        self.got_bytes = True
+        if not r._headers_done:
+            self._head_received(r, data)
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
+        except _PARSE_ERRORS as exc:
+            self._parse_failed(r, data, exc)
+
+    def _head_received(self, r: Http1Response, data: bytes) -> None:
+        """Bytes while the response head is still coming: counted against its cap (the
+        parser itself would hold an endless header line in memory)."""
+        self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except _PARSE_ERRORS as exc:
+            self._parse_failed(r, data, exc)
+            return
+        if not r._headers_done and self.head_bytes > _MAX_HEAD_BYTES:
+            r._fail(MalformedResponseError(f"response head over {_MAX_HEAD_BYTES // 1024} KiB"))
+
+    def _parse_failed(self, r: Http1Response, data: bytes, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserCallbackError):
             if self.head_stop:
                 # A HEAD response ends with its headers; the parser cannot be told so.
                 self.head_stop = False
@@ -330,15 +375,16 @@ class _Conn(asyncio.Protocol):
             elif r._complete:
                 # Stray bytes after a complete response (the connection may already be idle).
                 self.close()
+            elif isinstance(exc.__context__, _Malformed):
+                r._fail(MalformedResponseError(str(exc.__context__)))
             else:
                 r._fail(BrokenResponseError(f"response parsing stopped: {exc.__context__!r}"))
-        except httptools.HttpParserUpgrade:
-            r._fail(BrokenResponseError("the server switched protocols (not supported)"))
-        except httptools.HttpParserError as exc:
-            if r._complete:
-                self.close()
-            else:
-                r._fail(BrokenResponseError(f"malformed response: {exc}"))
+        elif isinstance(exc, httptools.HttpParserUpgrade):
+            r._fail(MalformedResponseError("the server switched protocols (not supported)"))
+        elif r._complete:
+            self.close()
+        else:
+            r._fail(MalformedResponseError(f"malformed response: {exc}"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -354,7 +400,7 @@ class _Conn(asyncio.Protocol):
         r._conn = None
         why = f" ({exc!r})" if exc is not None else ""
         if not r._headers_done:
-            if self.reused and not self.got_bytes:
+            if self.reused and not self.head_bytes:
                 r._fail(_StaleConnectionError(f"reused connection closed{why}"))
             else:
                 r._fail(BrokenResponseError(f"connection closed before response headers{why}"))
@@ -379,14 +425,22 @@ class _Conn(asyncio.Protocol):
             raise _StopParsing  # a second response nobody asked for
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > _MAX_HEADER_LINE:
+            raise _Malformed(f"a response header line over {_MAX_HEADER_LINE // 1024} KiB")
         self.resp.headers.append((name.lower(), value))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
         r = cast(Http1Response, self.resp)
         status: int = self.parser.get_status_code()
-        if status < 200 and status != 101:
+        if status < 200:
+            if status == 101:
+                raise _Malformed("the server switched protocols (not supported)")
+            if status < 100:
+                raise _Malformed(f"malformed response: status {status}")
             r.headers = []  # 1xx informational: the real response follows
             return
+        if status > 599:
+            raise _Malformed(f"malformed response: status {status}")
         r.status = status
         r._headers_done = True
         r._wake()
@@ -551,7 +605,7 @@ class Http1Pool:
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         r = Http1Response(conn, loop, head, idle_timeout_s)
         conn.resp = r
-        conn.got_bytes = False
+        conn.head_bytes = 0
         transport = cast(asyncio.Transport, conn.transport)
         transport.write(request)
         try:
@@ -624,10 +678,11 @@ class Http1Pool:
                     await loop.create_connection(lambda: conn, host, port)
         except TimeoutError as exc:
             raise ConnectError(
-                f"connect to {host}:{port} timed out after {self.connect_timeout_s:g}s"
+                f"connect timed out after {self.connect_timeout_s:g}s",
+                address=_address(host, port),
             ) from exc
         except OSError as exc:
-            raise ConnectError(f"connect to {host}:{port} failed: {exc}") from exc
+            raise ConnectError(connect_failure(exc), address=_address(host, port)) from exc
         self.connects += 1
         if self._closed:
             conn.close()
@@ -740,3 +795,34 @@ class Http1Pool:
             self._urls.clear()
         self._urls[url] = target
         return target
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# What a failed connect says to a client: the errno's words, never the address (the OS's
+# message for a refused connect names it: "Connect call failed ('127.0.0.1', 11435)").
+_CONNECT_ERRNO = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ETIMEDOUT: "connect timed out",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ECONNRESET: "connection reset",
+    errno.EADDRNOTAVAIL: "address not available",
+}
+
+
+def connect_failure(exc: OSError) -> str:
+    """Why a connect failed, in words a client may read (no address)."""
+    if isinstance(exc, socket.gaierror):
+        return "host name not resolved"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or type(exc).__name__}"
+    if exc.errno in _CONNECT_ERRNO:
+        return _CONNECT_ERRNO[exc.errno]
+    # asyncio's "Multiple exceptions: ..." (several addresses tried) has no errno of its own.
+    for sub in getattr(exc, "exceptions", ()) or ():
+        if isinstance(sub, OSError) and sub.errno in _CONNECT_ERRNO:
+            return _CONNECT_ERRNO[sub.errno]
+    return "connect failed" if exc.errno is None else f"connect failed (errno {exc.errno})"

@@ -4,8 +4,14 @@ Every byte corral sends to an Ollama goes through here: routed requests, fan-out
 health probes, GPU exporters and model loads. The transport is a small protocol (like httpx's
 ``transport=``), so tests drive the forwarder, fan-out and placement with a scripted fake and
 no sockets. The HTTP client's own exceptions are translated into corral's tree
-(``UpstreamConnectError``, ``UpstreamTimeoutError``, ``UpstreamBrokenError``) inside the
-transport, and nowhere else.
+(``UpstreamConnectError``, ``UpstreamTimeoutError``, ``UpstreamBrokenError``,
+``UpstreamMalformedError``) inside the transport, and nowhere else; their messages name no
+host or port (clients read them), the error's ``address`` does (logs read it).
+
+What a backend may make corral do is bounded here: a 3xx is an ``UpstreamRedirectError``
+(never followed, never relayed), and a body read whole (:meth:`Upstream.request` and what is
+built on it: probes, listings, GPU exporter pages, placement answers) stops at
+``MAX_BODY_BYTES`` (``MAX_ERROR_BYTES`` for a 4xx/5xx body) with an ``UpstreamTooLargeError``.
 """
 
 from __future__ import annotations
@@ -14,17 +20,28 @@ import asyncio
 import json
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from corral.config import TimeoutSettings
 from corral.errors import (
+    UpstreamBadBodyError,
     UpstreamBrokenError,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamMalformedError,
+    UpstreamRedirectError,
     UpstreamTimeoutError,
+    UpstreamTooLargeError,
 )
 
 Headers = list[tuple[bytes, bytes]]
 Body = bytes | AsyncIterable[bytes] | None
+
+# The most of a backend's answer corral holds in memory at once: a model list (/api/tags of a
+# few hundred models is ~200 KB), a version, a DCGM page, a placement answer.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+# An error body (4xx/5xx) read whole: Ollama's are one short JSON line.
+MAX_ERROR_BYTES = 1024 * 1024
 
 
 class Response(Protocol):
@@ -100,9 +117,10 @@ class Upstream:
         """Send a request; returns once the headers arrived.
 
         The wait for headers is bounded by ``first_token_s`` (Ollama sends its headers with the
-        first token, so this covers queueing and cold loads); later gaps by ``idle_s``.
+        first token, so this covers queueing and cold loads); later gaps by ``idle_s``. A 3xx
+        raises UpstreamRedirectError (its ``Location`` goes nowhere).
         """
-        return await self.transport.open(
+        resp = await self.transport.open(
             method,
             url,
             headers,
@@ -110,6 +128,10 @@ class Upstream:
             headers_timeout_s=headers_timeout_s or self.timeouts.first_token_s,
             idle_timeout_s=self.timeouts.idle_s,
         )
+        if 300 <= resp.status < 400:
+            resp.close()
+            raise _redirect(resp, url)
+        return resp
 
     async def request(
         self,
@@ -119,9 +141,11 @@ class Upstream:
         *,
         headers: Headers | None = None,
         body: bytes | None = None,
-        limit: int = 64 * 1024 * 1024,
+        limit: int = MAX_BODY_BYTES,
     ) -> tuple[int, bytes]:
-        """A whole exchange within ``timeout_s``: (status, body). Raises UpstreamError."""
+        """A whole exchange within ``timeout_s``: (status, body). Raises UpstreamError: an
+        UpstreamTooLargeError for a body over ``limit`` (``MAX_ERROR_BYTES`` for a 4xx/5xx),
+        an UpstreamRedirectError for a 3xx."""
         try:
             async with asyncio.timeout(timeout_s):
                 resp = await self.transport.open(
@@ -133,27 +157,40 @@ class Upstream:
                     idle_timeout_s=timeout_s,
                 )
                 try:
-                    return resp.status, await resp.read_all(limit)
+                    status = resp.status
+                    if 300 <= status < 400:
+                        raise _redirect(resp, url)
+                    cap = limit if status < 400 else min(limit, MAX_ERROR_BYTES)
+                    return status, await read_capped(resp, cap)
                 finally:
                     resp.close()
         except TimeoutError:
-            raise UpstreamTimeoutError(f"{url}: no answer within {timeout_s:g}s") from None
+            raise UpstreamTimeoutError(
+                f"{_path(url)}: no answer within {timeout_s:g}s", address=url
+            ) from None
+        except UpstreamError as exc:
+            if exc.address is None:
+                exc.address = url
+            raise
 
-    async def get_bytes(self, url: str, timeout_s: float) -> bytes:
-        """GET ``url``'s body; raises UpstreamError on failures, timeouts and non-2xx."""
-        status, body = await self.request("GET", url, timeout_s)
+    async def get_bytes(self, url: str, timeout_s: float, limit: int = MAX_BODY_BYTES) -> bytes:
+        """GET ``url``'s body; raises UpstreamError on failures, timeouts, non-2xx and a body
+        over ``limit``."""
+        status, body = await self.request("GET", url, timeout_s, limit=limit)
         if status >= 400:
             text = body[:200].decode(errors="replace")
-            raise UpstreamBrokenError(f"{url} answered {status}: {text}")
+            raise UpstreamBrokenError(f"{_path(url)} answered {status}: {text}", address=url)
         return body
 
     async def get_json(self, url: str, timeout_s: float) -> Any:
-        """GET ``url`` and decode JSON; raises UpstreamError (also for a body that is no JSON)."""
+        """GET ``url`` and decode JSON; raises UpstreamError (UpstreamBadBodyError for a body
+        that is no JSON)."""
         body = await self.get_bytes(url, timeout_s)
         try:
             return json.loads(body)
-        except ValueError as exc:
-            raise UpstreamBrokenError(f"{url}: invalid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+            text = str(exc)[:200] or type(exc).__name__
+            raise UpstreamBadBodyError(f"{_path(url)}: invalid JSON: {text}", address=url) from None
 
     async def post_json(self, url: str, payload: Any, timeout_s: float) -> tuple[int, Any]:
         """POST JSON within ``timeout_s``: (status, decoded answer, or {"error": text})."""
@@ -163,7 +200,7 @@ class Upstream:
         )
         try:
             return status, json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return status, {"error": raw[:200].decode(errors="replace")}
 
     async def close(self) -> None:
@@ -218,18 +255,30 @@ class AiohttpTransport:
                 timeout=timeout,
                 allow_redirects=False,
             )
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise UpstreamConnectError(_describe(exc)) from None
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamConnectError(
+                f"connect timed out after {self._connect_timeout_s:g}s", address=url
+            ) from None
         except TimeoutError:
-            raise UpstreamTimeoutError(f"no answer within {headers_timeout_s:g}s") from None
-        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
-            raise UpstreamConnectError(_describe(exc)) from None
+            raise UpstreamTimeoutError(
+                f"no answer within {headers_timeout_s:g}s", address=url
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            from corral.http1 import connect_failure
+
+            raise UpstreamConnectError(connect_failure(exc.os_error), address=url) from None
+        except ConnectionRefusedError:
+            raise UpstreamConnectError("connection refused", address=url) from None
+        except aiohttp.ClientResponseError as exc:
+            # aiohttp's parser refused the answer (a bad status line, a header over 8 KiB).
+            text = str(exc.message).split("\n", 1)[0][:200]
+            raise UpstreamMalformedError(f"malformed response: {text}", address=url) from None
         except self._errors as exc:
-            raise UpstreamBrokenError(_describe(exc)) from None
+            raise UpstreamBrokenError(_describe(exc, url), address=url) from None
         conn = resp.connection
         if conn is not None and conn.protocol is not None:
             conn.protocol.read_timeout = idle_timeout_s
-        return _AiohttpResponse(resp, self._errors, idle_timeout_s)
+        return _AiohttpResponse(resp, self._errors, idle_timeout_s, url)
 
     def pool_stats(self) -> tuple[int, int]:
         if self._session is None:
@@ -248,12 +297,19 @@ class AiohttpTransport:
 
 
 class _AiohttpResponse:
-    __slots__ = ("_errors", "_idle_s", "_resp", "headers", "status")
+    __slots__ = ("_errors", "_idle_s", "_resp", "_url", "headers", "status")
 
-    def __init__(self, resp: Any, errors: tuple[type[BaseException], ...], idle_s: float | None):
+    def __init__(
+        self,
+        resp: Any,
+        errors: tuple[type[BaseException], ...],
+        idle_s: float | None,
+        url: str,
+    ) -> None:
         self._resp = resp
         self._errors = errors
         self._idle_s = idle_s
+        self._url = url
         self.status: int = resp.status
         self.headers: Headers = [(k.lower(), v) for k, v in resp.raw_headers]
 
@@ -269,7 +325,7 @@ class _AiohttpResponse:
         except TimeoutError:
             raise UpstreamTimeoutError(f"no data for {self._idle_s:g}s") from None
         except self._errors as exc:
-            raise UpstreamBrokenError(_describe(exc)) from None
+            raise UpstreamBrokenError(_describe(exc, self._url), address=self._url) from None
         return chunk
 
     def at_eof(self) -> bool:
@@ -281,15 +337,48 @@ class _AiohttpResponse:
         except TimeoutError:
             raise UpstreamTimeoutError(f"no data for {self._idle_s:g}s") from None
         except self._errors as exc:
-            raise UpstreamBrokenError(_describe(exc)) from None
+            raise UpstreamBrokenError(_describe(exc, self._url), address=self._url) from None
         return data
 
     def close(self) -> None:
         self._resp.close()
 
 
-def _describe(exc: BaseException) -> str:
-    return (str(exc) or type(exc).__name__)[:200]
+def _describe(exc: BaseException, url: str) -> str:
+    """An exception's message for a client: the backend's host and port taken out."""
+    text = str(exc) or type(exc).__name__
+    parts = urlsplit(url)
+    for secret in (parts.netloc, parts.hostname):
+        if secret:
+            text = text.replace(secret, "<backend>")
+    return text[:200]
+
+
+def _path(url: str) -> str:
+    """A backend URL's path (what a message may name), without scheme, host and port."""
+    return urlsplit(url).path or "/"
+
+
+def _redirect(resp: Response, url: str) -> UpstreamRedirectError:
+    # The Location goes to the log only (through ``address``); never followed or relayed.
+    location = (resp.header(b"location") or b"").decode("latin-1")[:200]
+    where = f"{url} -> {location}" if location else url
+    return UpstreamRedirectError(
+        f"the backend answered a redirect ({resp.status}); corral does not follow redirects",
+        address=where,
+    )
+
+
+async def read_capped(resp: Response, limit: int) -> bytes:
+    """The rest of ``resp``'s body, or UpstreamTooLargeError once it passes ``limit`` bytes
+    (the read stops there: the caller closes ``resp``, which drops the connection)."""
+    declared = resp.header(b"content-length") or b""
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise UpstreamTooLargeError(f"a body of {declared.decode()} bytes, over corral's cap")
+    data = await resp.read_all(limit + 1)
+    if len(data) > limit:
+        raise UpstreamTooLargeError(f"a body over corral's cap of {limit} bytes")
+    return data
 
 
 async def lines(resp: Response) -> AsyncIterator[bytes]:
@@ -304,4 +393,13 @@ async def lines(resp: Response) -> AsyncIterator[bytes]:
         yield held
 
 
-__all__ = ["Response", "Transport", "Upstream", "UpstreamError", "lines"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_ERROR_BYTES",
+    "Response",
+    "Transport",
+    "Upstream",
+    "UpstreamError",
+    "lines",
+    "read_capped",
+]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from corral.errors import UpstreamMalformedError
 from corral.http1 import (
     BrokenResponseError,
     ConnectError,
@@ -21,6 +22,7 @@ from corral.http1 import (
     Http1Pool,
     Http1Response,
     IdleTimeoutError,
+    MalformedResponseError,
 )
 from tests.helpers import free_port
 
@@ -225,6 +227,17 @@ async def test_connect_refused_is_connect_error(pool: Http1Pool) -> None:
             headers_timeout_s=1,
             idle_timeout_s=1,
         )
+
+
+async def test_connect_error_names_no_address(pool: Http1Pool) -> None:
+    """A refused connect says so in words a client may read; the address is for logs only."""
+    port = free_port()
+    with pytest.raises(ConnectError) as caught:
+        await pool.open(
+            "GET", f"http://127.0.0.1:{port}/", [], None, headers_timeout_s=1, idle_timeout_s=1
+        )
+    assert str(caught.value) == "connection refused"
+    assert caught.value.address == f"127.0.0.1:{port}"
 
 
 async def test_headers_timeout(pool: Http1Pool) -> None:
@@ -509,6 +522,59 @@ async def test_malformed_response_is_broken(pool: Http1Pool) -> None:
     async with Server(handle) as srv:
         with pytest.raises(BrokenResponseError):
             await pool.open("GET", srv.url + "/", [], None, headers_timeout_s=2, idle_timeout_s=2)
+
+
+def answering(raw: bytes) -> Handler:
+    """A server that answers every request with ``raw`` and waits for the client to leave."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(raw)
+        await reader.read()
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", "malformed response"),
+        (b"HTTP/1.1 abc OK\r\nContent-Length: 0\r\n\r\n", "malformed response"),
+        (b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n", "status 999"),
+        (b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n", "status 99"),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", "header line over 8 KiB"),
+        (b"HTTP/1.1 101 Switching\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n", "switched"),
+    ],
+    ids=["garbage", "bad-status", "status-999", "status-099", "9k-header", "upgrade"],
+)
+async def test_malformed_response_is_malformed_error(pool: Http1Pool, raw: bytes, why: str) -> None:
+    """What is no HTTP/1.1 corral can relay fails before the first byte as a malformed answer
+    (an UpstreamMalformedError, an UpstreamBrokenError too), and the connection is dropped."""
+    async with Server(answering(raw)) as srv:
+        with pytest.raises(MalformedResponseError, match=why) as caught:
+            await pool.open("GET", srv.url + "/", [], None, headers_timeout_s=2, idle_timeout_s=2)
+    assert isinstance(caught.value, UpstreamMalformedError)
+    assert caught.value.reason == "malformed_http"
+    assert pool.pool_stats() == (0, 0)
+
+
+async def test_endless_response_head_is_cut_at_its_cap(pool: Http1Pool) -> None:
+    """A backend that sends one header line forever: the read stops at 64 KiB of head."""
+    sent = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        while True:
+            writer.write(b"a" * 16384)
+            await writer.drain()
+            sent[0] += 16384
+
+    async with Server(handle) as srv:
+        with pytest.raises(MalformedResponseError, match="head over 64 KiB"):
+            await pool.open("GET", srv.url + "/", [], None, headers_timeout_s=5, idle_timeout_s=5)
+    # What the socket buffers held beyond the cap, at most: nothing near unbounded.
+    assert sent[0] < 16 * 1024 * 1024
 
 
 async def test_read_all_limit_leaves_the_rest(pool: Http1Pool) -> None:

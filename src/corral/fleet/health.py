@@ -10,6 +10,7 @@ from collections.abc import Callable
 import structlog
 
 from corral.config import HealthSettings
+from corral.errors import UpstreamError, UpstreamMalformedError
 from corral.fleet import inventory
 from corral.fleet.backends import BackendRegistry, BackendState, Clock
 from corral.metrics import Metrics
@@ -40,6 +41,8 @@ class HealthChecker:
         self.metrics = metrics
         self._clock = clock
         self._next_probe: dict[str, float] = {}
+        # (backend, reason) pairs already logged at warning level; later ones go to debug.
+        self._noted: set[tuple[str, str]] = set()
 
     async def run(self) -> None:
         """Probe forever; each round catches and logs its own errors."""
@@ -71,24 +74,45 @@ class HealthChecker:
         started = self._clock()
         ok = False
         try:
-            version = await self.upstream.get_json(f"{backend.url}/api/version", timeout)
-            backend.version = str(version.get("version", "")) or None
+            answer = await self.upstream.get_json(f"{backend.url}/api/version", timeout)
+            # Alive is "answers /api/version"; an odd version is left unknown, and counted.
+            backend.version = inventory.version_of(answer)
+            if backend.version is None:
+                self.malformed(backend.id, "bad_entry", "/api/version: no usable version")
             tags, ps = await asyncio.gather(
                 self.upstream.get_json(f"{backend.url}/api/tags", timeout),
                 self.upstream.get_json(f"{backend.url}/api/ps", timeout),
             )
-            inventory.update(backend, tags, ps)
+            if skipped := inventory.update(backend, tags, ps):
+                self.malformed(backend.id, "bad_entry", "model list entries skipped", skipped)
             if self._hidden is not None and (hidden := self._hidden(backend.id)):
                 backend.models -= hidden
             self.registry.refresh_models()
             ok = True
         except asyncio.CancelledError:
             raise
+        except UpstreamError as exc:
+            if isinstance(exc, UpstreamMalformedError):
+                self.malformed(backend.id, exc.reason, str(exc))
+            if backend.healthy or not backend.probed:
+                log.debug("probe failed", backend=backend.id, address=exc.address, error=str(exc))
         except Exception as exc:
             if backend.healthy or not backend.probed:
                 log.debug("probe failed", backend=backend.id, error=repr(exc))
         self.record_probe(backend, ok, started)
         return ok
+
+    def malformed(self, backend_id: str, reason: str, detail: str, count: int = 1) -> None:
+        """Count an answer (or ``count`` entries of one) corral could not use; log the first
+        of each kind per backend as a warning, the rest at debug level."""
+        self.metrics.backend_malformed.labels(backend=backend_id, reason=reason).inc(count)
+        seen = (backend_id, reason)
+        first = seen not in self._noted
+        if first:
+            self._noted.add(seen)
+        (log.warning if first else log.debug)(
+            "backend answer unusable", backend=backend_id, reason=reason, detail=detail[:300]
+        )
 
     def record_probe(self, backend: BackendState, ok: bool, started: float | None = None) -> None:
         s = self.settings
@@ -150,8 +174,14 @@ class HealthChecker:
 
     # Passive health -----------------------------------------------------------------------
 
-    def record_result(self, backend: BackendState, ok: bool, *, transport: bool = False) -> None:
-        """Record a proxied request's outcome. Ollama's 503 busy is load: do not call for it."""
+    def record_result(
+        self, backend: BackendState, ok: bool, *, transport: bool = False, answered: bool = False
+    ) -> None:
+        """Record a proxied request's outcome. Ollama's 503 busy is load: do not call for it.
+
+        ``transport``: the failure was the connection's or the answer's (counted towards
+        ``consecutive_errors``); ``answered``: the backend did answer, malformed, so a good
+        probe does not prove it well again (the ejection it earns is not lifted by one)."""
         now = self._clock()
         backend.add_outcome(now, ok)
         if ok:
@@ -169,7 +199,7 @@ class HealthChecker:
         rate_high = total >= s.error_min_requests and bad / total > s.error_rate_threshold
         if (too_many or rate_high) and not backend.is_ejected(now):
             self.eject(backend, "consecutive transport errors" if too_many else "error rate")
-            backend.ejected_for_transport = too_many
+            backend.ejected_for_transport = too_many and not answered
 
     def eject(self, backend: BackendState, reason: str) -> None:
         now = self._clock()

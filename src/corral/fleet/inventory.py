@@ -5,21 +5,87 @@ backend recovers, and after model-management calls); :func:`update` turns them i
 backend's ``models``, ``model_sizes`` and ``resident``. Requests routed to a backend that does
 not hold their model yet mark it *loading* there, so the next requests for it follow instead
 of starting a second cold load elsewhere before the next ``/api/ps`` shows it.
+
+A backend's answers are not trusted: :func:`model_entries` keeps the entries of a model list
+that have the shape Ollama gives them and counts the rest, and :func:`version_of` keeps a
+version that looks like one. Both serve the health probes and the merged listings.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
 from prometheus_client.core import GaugeMetricFamily
 
+from corral.errors import UpstreamBadBodyError
 from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
 
 Where = Literal["gpu", "partial", "cpu"]
 # A "loading" mark lasts until /api/ps lists the model, or this long.
 LOADING_TTL_S = 120.0
+# Longer names or versions than any Ollama gives are not taken.
+_MAX_NAME = 512
+_MAX_VERSION = 64
+_VERSION = re.compile(r"[vV]?[0-9][0-9A-Za-z.+~_-]*")
+# Fields of a model entry that, when present, must be counts of bytes.
+_SIZES = ("size", "size_vram")
+
+
+def model_entries(answer: Any, what: str = "model list") -> tuple[list[dict[str, Any]], int]:
+    """The well-formed entries of an ``/api/tags`` or ``/api/ps`` answer, and how many were
+    skipped (not an object, no string name, a size that is no count). An answer without
+    ``models`` has none; one that is no model list at all raises UpstreamBadBodyError."""
+    if answer is None:
+        return [], 0
+    if not isinstance(answer, dict):
+        raise UpstreamBadBodyError(f"{what}: not a JSON object")
+    models = answer.get("models")
+    if models is None:
+        return [], 0
+    if not isinstance(models, list):
+        raise UpstreamBadBodyError(f"{what}: models is not a list")
+    good = [m for m in models if _well_formed(m)]
+    return good, len(models) - len(good)
+
+
+def _well_formed(entry: Any) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    name, model = entry.get("name"), entry.get("model")
+    if name is not None and not isinstance(name, str):
+        return False
+    if model is not None and not isinstance(model, str):
+        return False
+    key = name or model
+    if not key or len(key) > _MAX_NAME:
+        return False
+    for field in _SIZES:
+        value = entry.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            return False
+        if value is not None and value < 0:
+            return False
+    return True
+
+
+def entry_name(entry: dict[str, Any]) -> str:
+    """A well-formed entry's name (``name``, else ``model``)."""
+    name: str = entry.get("name") or entry["model"]
+    return name
+
+
+def version_of(answer: Any) -> str | None:
+    """The version in an ``/api/version`` answer when it looks like one (``0.12.3``,
+    ``v0.5.0-rc2``, at most 64 characters); None otherwise."""
+    if not isinstance(answer, dict):
+        return None
+    version = answer.get("version")
+    if isinstance(version, str) and len(version) <= _MAX_VERSION and _VERSION.fullmatch(version):
+        return version
+    return None
 
 
 def residency(size: Any, size_vram: Any) -> Where | None:
@@ -44,14 +110,16 @@ def where(backend: BackendState, model_key: str) -> Where | None:
     return residency(entry.get("size"), entry.get("size_vram"))
 
 
-def update(backend: BackendState, tags: Any, ps: Any, *, now: float | None = None) -> None:
-    """Take a backend's ``/api/tags`` and ``/api/ps`` answers."""
+def update(backend: BackendState, tags: Any, ps: Any, *, now: float | None = None) -> int:
+    """Take a backend's ``/api/tags`` and ``/api/ps`` answers; returns how many entries were
+    skipped as malformed. An answer that is no model list at all raises UpstreamBadBodyError
+    and changes nothing."""
+    installed, bad_tags = model_entries(tags, "/api/tags")
+    loaded, bad_ps = model_entries(ps, "/api/ps")
     names: list[str] = []
     sizes: dict[str, int] = {}
-    for m in (tags or {}).get("models") or []:
-        name = m.get("name") or m.get("model")
-        if not name:
-            continue
+    for m in installed:
+        name = entry_name(m)
         names.append(name)
         size = m.get("size")
         if isinstance(size, int) and size > 0:
@@ -60,10 +128,8 @@ def update(backend: BackendState, tags: Any, ps: Any, *, now: float | None = Non
     backend.models = {normalize_model(n) for n in names}
     backend.model_sizes = sizes
     resident: dict[str, dict[str, Any]] = {}
-    for m in (ps or {}).get("models") or []:
-        name = m.get("name") or m.get("model")
-        if name:
-            resident[normalize_model(name)] = m
+    for m in loaded:
+        resident[normalize_model(entry_name(m))] = m
     backend.resident = resident
     now = time.monotonic() if now is None else now
     backend.loading = {
@@ -71,6 +137,7 @@ def update(backend: BackendState, tags: Any, ps: Any, *, now: float | None = Non
         for key, since in backend.loading.items()
         if key not in resident and now - since < LOADING_TTL_S
     }
+    return bad_tags + bad_ps
 
 
 def mark_loading(backend: BackendState, model_key: str, now: float | None = None) -> None:

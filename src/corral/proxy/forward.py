@@ -25,6 +25,7 @@ from corral.errors import (
     UpstreamBrokenError,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamMalformedError,
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
@@ -109,6 +110,14 @@ class Forwarder:
                     raise
                 except UpstreamError as exc:
                     last = exc
+                    if exc.address is not None:  # for the log only, never the client
+                        log.info(
+                            "attempt failed",
+                            request_id=request.request_id,
+                            backend=backend.id,
+                            address=exc.address,
+                            error=str(exc),
+                        )
                     if isinstance(exc, UpstreamStatusError) and not exc.busy:
                         if self._alike(refused, backend, exc, request.request_id):
                             raise
@@ -144,8 +153,13 @@ class Forwarder:
         except UpstreamTimeoutError:
             # Sent but no answer in first_token_s: retrying would double GPU work.
             raise UpstreamTimeoutError(f"backend {backend.id} did not answer in time") from None
+        except UpstreamMalformedError as exc:
+            # It answered, with something that is no Ollama answer (not HTTP, a redirect).
+            raise type(exc)(f"backend {backend.id}: {exc}", address=exc.address) from None
         except UpstreamError as exc:
-            raise UpstreamConnectError(f"backend {backend.id} unreachable: {exc}") from None
+            raise UpstreamConnectError(
+                f"backend {backend.id} unreachable: {exc}", address=exc.address
+            ) from None
         try:
             if resp.status >= 500 and can_retry:
                 try:
@@ -165,7 +179,10 @@ class Forwarder:
         """What one attempt tells of the backend's health (the only place that says it)."""
         if isinstance(error, UpstreamStatusError):
             return  # counted once forward() knows whether the request was at fault
-        if error is not None:
+        if isinstance(error, UpstreamMalformedError):
+            self.metrics.backend_malformed.labels(backend=backend.id, reason=error.reason).inc()
+            self.health.record_result(backend, False, transport=True, answered=True)
+        elif error is not None:
             transport = isinstance(error, UpstreamConnectError | UpstreamBrokenError)
             self.health.record_result(backend, False, transport=transport)
         elif result.error is not None:  # the answer broke off mid-stream

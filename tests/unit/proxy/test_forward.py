@@ -15,6 +15,7 @@ from corral.errors import (
     RoutingError,
     UpstreamBrokenError,
     UpstreamConnectError,
+    UpstreamMalformedError,
     UpstreamTimeoutError,
 )
 from corral.fleet.backends import BackendState, normalize_model
@@ -228,6 +229,90 @@ async def test_exhausted_retry_budget_makes_no_second_attempt() -> None:
     assert len(fleet.fake.sent()) == 1
     assert fleet.rt.forwarder.retries == 0
     assert fleet.retries("connect") == 0
+    fleet.assert_settled()
+
+
+# A backend's answer corral cannot use: malformed HTTP, a redirect -------------------------------
+
+
+def malformed(fleet: Fleet, backend_id: str, reason: str) -> float:
+    value = fleet.rt.metrics.registry.get_sample_value(
+        "corral_backend_malformed_total", {"backend": backend_id, "reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_malformed_answer_is_retried_and_counted(fleet: Fleet) -> None:
+    """Malformed HTTP before the first byte: the next backend answers; the bad one is counted
+    in ``backend_malformed`` and against its health."""
+    bad = UpstreamMalformedError("malformed response: Invalid status code", address="a.test:1")
+    fleet.fake.script(A, bad)
+    fleet.fake.script(B, chat_answer("from b"))
+    send, result = await serve(fleet)
+    assert (send.status, result.backend, result.attempts) == (200, "b", 2)
+    assert malformed(fleet, "a", "malformed_http") == 1
+    assert fleet.retries("malformed") == 1
+    assert (fleet.a.total_failures, fleet.a.consecutive_errors) == (1, 1)
+    fleet.assert_settled()
+
+
+async def test_three_malformed_answers_eject_and_a_good_probe_does_not_lift_it() -> None:
+    """``consecutive_errors`` malformed answers eject the backend; unlike a connection that
+    failed, its next good probe proves nothing, so it stays ejected."""
+    fleet = await make_fleet()
+    bad = UpstreamMalformedError("malformed response: Invalid status code")
+    for _ in range(3):
+        fleet.rt.forwarder._judge(fleet.a, bad, Result())
+    now = time.monotonic()
+    assert fleet.a.is_ejected(now)
+    assert malformed(fleet, "a", "malformed_http") == 3
+    assert await fleet.rt.health.probe(fleet.a)
+    assert fleet.a.is_ejected(time.monotonic())
+
+
+async def test_redirect_is_retried_elsewhere_and_never_relayed(fleet: Fleet) -> None:
+    """A backend's 302 is a failed attempt: the next backend answers, no Location reaches the
+    client, and the redirect is counted."""
+    fleet.fake.script(
+        A, Answer(302, [b"moved"], headers=[("location", "http://evil.example/steal")])
+    )
+    fleet.fake.script(B, chat_answer("from b"))
+    send, result = await serve(fleet)
+    assert (send.status, result.backend) == (200, "b")
+    assert send.header("location") is None
+    assert malformed(fleet, "a", "redirect") == 1
+    assert fleet.retries("malformed") == 1
+    assert fleet.a.total_failures == 1
+    fleet.assert_settled()
+
+
+async def test_redirects_everywhere_give_a_502_without_location(fleet: Fleet) -> None:
+    """When every attempt is redirected the client gets a 502 in its route's shape, and no
+    ``Location``."""
+    moved = Answer(301, [], headers=[("location", "http://evil.example/")])
+    fleet.fake.script(A, moved, moved)
+    fleet.fake.script(B, moved)
+    send, result = await serve(fleet)
+    assert send.status == 502
+    assert send.header("location") is None
+    error = json.loads(send.body)["error"]
+    assert "redirect" in error
+    assert "evil.example" not in send.body.decode()
+    assert result.status == 502
+    fleet.assert_settled()
+
+
+async def test_502_names_the_backend_but_not_its_address(fleet: Fleet) -> None:
+    """The client reads which backend failed and why, never its host or port."""
+    refused = UpstreamConnectError("connection refused", address="10.9.8.7:51631")
+    fleet.fake.script(A, refused, refused)
+    fleet.fake.script(B, refused)
+    send, _ = await serve(fleet)
+    assert send.status == 502
+    body = send.body.decode()
+    assert json.loads(body)["error"].endswith("unreachable: connection refused")
+    assert "10.9.8.7" not in body
+    assert "51631" not in body
     fleet.assert_settled()
 
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from corral.config import GpuSettings
+from corral.errors import UpstreamMalformedError
 from corral.fleet.backends import BackendRegistry, BackendState, Clock
 from corral.fleet.gpu.dcgm import parse_dcgm
 from corral.fleet.gpu.sampler import GpuReading, GpuSampler, NullSampler
@@ -147,6 +148,10 @@ class GpuPoller:
             raise
         except Exception as exc:
             self.metrics.child(self.metrics.gpu_poll_errors, "dcgm").inc()
+            if isinstance(exc, UpstreamMalformedError):  # a page over the cap, a redirect
+                for b in self.registry.all():
+                    if b.gpu_metrics_url == url:
+                        self.metrics.backend_malformed.labels(b.id, exc.reason).inc()
             old = self.remote.get(url)
             if old is None or old.error is None:
                 log.warning("GPU metrics unreadable", url=url, error=str(exc) or repr(exc))
