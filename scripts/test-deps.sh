@@ -6,7 +6,9 @@
 #   status page at /ui (tests/integration/test_ui.py);
 # - nodejs and npm, to run the ollama package for JavaScript against corral
 #   (tests/integration/test_js_client.py); the package itself comes from the npm registry,
-#   at the version tests/js/package.json pins, into tests/js/node_modules.
+#   at the version tests/js/package.json pins, into tests/js/node_modules;
+# - redis-server, the Redis that several corral replicas share (tests/cluster/ start one on a
+#   free loopback port).
 # Installs only what is missing, and only when we are root with apt-get; otherwise does nothing
 # (the tests then skip, or fail under CI saying why). Quiet, idempotent, always exits 0.
 
@@ -15,6 +17,7 @@ command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium fonts-dejavu-core"
 command -v node >/dev/null 2>&1 || missing="$missing nodejs"
 command -v npm >/dev/null 2>&1 || missing="$missing npm"
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 
 if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
