@@ -24,7 +24,6 @@ from corral.config import Settings
 from corral.fleet.gpu import GpuSampler
 from corral.guard import EdgeGuard, host_name, is_management
 from corral.proxy.front import OllamaFront
-from corral.proxy.listing import Listing
 from corral.proxy.passthrough import Passthrough
 from corral.proxy.relay import METHOD_NOT_ALLOWED, NOT_FOUND
 from corral.runtime import Runtime
@@ -94,9 +93,7 @@ class CorralApp:
             fallback=self.api,
             forwarder=runtime.forwarder,
             registry=runtime.registry,
-            listing=Listing(
-                runtime.registry, runtime.upstream, runtime.settings.health.timeout_s + 3
-            ),
+            listing=runtime.listing,
             metrics=runtime.metrics,
             fanout=runtime.fanout,
             passthrough=Passthrough(

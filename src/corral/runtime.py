@@ -27,6 +27,7 @@ from corral.metrics import Metrics
 from corral.proxy.bodies import Bodies
 from corral.proxy.fanout import FanOut
 from corral.proxy.forward import Forwarder
+from corral.proxy.listing import Listing
 from corral.systemd import sd_notify
 from corral.upstream import Upstream
 
@@ -94,6 +95,9 @@ class Runtime:
             self.metrics,
             settings.balancer,
         )
+        self.listing = Listing(
+            self.registry, self.upstream, settings.health.timeout_s + 3, self.metrics
+        )
         self.fanout = FanOut(
             self.registry,
             self.upstream,
@@ -103,6 +107,7 @@ class Runtime:
             ledger=self.ledger,
             metrics=self.metrics,
             body_timeout_s=settings.server.body_timeout_s,
+            listing=self.listing,
         )
         server = settings.server
         self.bodies = Bodies(

@@ -51,6 +51,7 @@ from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
 from corral.fleet.health import HealthChecker
 from corral.fleet.replays import REPLAYED, Replay, ReplayLedger
 from corral.metrics import Metrics
+from corral.proxy.listing import Listing
 from corral.proxy.relay import send_bytes
 from corral.upstream import Upstream, lines
 
@@ -123,6 +124,7 @@ class FanOut:
         ledger: ReplayLedger | None = None,
         metrics: Metrics | None = None,
         body_timeout_s: float = 60.0,
+        listing: Listing | None = None,
     ) -> None:
         self.registry = registry
         self.upstream = upstream
@@ -132,6 +134,7 @@ class FanOut:
         self.ledger = ledger if ledger is not None else ReplayLedger()
         self.metrics = metrics
         self.body_timeout_s = body_timeout_s  # the longest pause in a blob upload
+        self.listing = listing  # its cached model lists are stale once a model changed
         self._replaying: dict[str, asyncio.Task[None]] = {}
 
     async def handle(
@@ -528,6 +531,8 @@ class FanOut:
         """Read a backend's model list again after it changed; requests waiting for a model
         it now has are dispatched."""
         await self.health.probe(backend)
+        if self.listing is not None:
+            self.listing.invalidate()
         self.registry.notify()
 
 

@@ -20,6 +20,7 @@ from corral.errors import (
     RoutingError,
     UpstreamBrokenError,
     UpstreamError,
+    UpstreamMalformedError,
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
@@ -152,8 +153,10 @@ class Reply:
                 f"backend {backend_id} sent headers but no body in time"
             ) from None
         except UpstreamError as exc:
-            raise UpstreamBrokenError(
-                f"backend {backend_id} failed before its body: {exc}"
+            # A malformed answer stays one (it is counted as such, and ejects).
+            kind = type(exc) if isinstance(exc, UpstreamMalformedError) else UpstreamBrokenError
+            raise kind(
+                f"backend {backend_id} failed before its body: {exc}", address=exc.address
             ) from None
         status = resp.status
         content_type = resp.header(b"content-type") or b""

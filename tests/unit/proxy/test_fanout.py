@@ -350,3 +350,14 @@ async def test_operations_aimed_at_named_backends_owe_nothing(fleet: Fleet) -> N
     send = await fleet.call("DELETE", "/api/delete", {"model": "x"}, query=b"backend=a")
     assert (send.status, send.body) == (200, b"")
     assert fleet.rt.ledger.all() == []
+
+
+async def test_a_model_change_clears_the_cached_listings(fleet: Fleet) -> None:
+    """The aggregate listings are cached for a second; a delete that changed a backend's
+    models clears them, so the next /api/tags or /api/ps is read afresh."""
+    listing = fleet.rt.listing
+    listing._cache["/api/ps"] = (("a", "b"), 0.0, [])
+    fleet.fake.script(f"{A}/api/delete", EMPTY_OK)
+    fleet.fake.script(f"{B}/api/delete", Answer.json({"error": "model 'x' not found"}, 404))
+    await fleet.call("DELETE", "/api/delete", {"model": "x"})
+    assert listing._cache == {}
