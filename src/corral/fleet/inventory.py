@@ -28,6 +28,10 @@ Where = Literal["gpu", "partial", "cpu"]
 LOADING_TTL_S = 120.0
 # Longer names or versions than any Ollama gives are not taken.
 _MAX_NAME = 512
+# Models one Ollama can hold loaded at once, with room to spare (OLLAMA_MAX_LOADED_MODELS is 3
+# per GPU): a backend claiming more is not believed past it, and corral_model_resident keeps
+# a bounded number of series.
+MAX_RESIDENT = 64
 _MAX_VERSION = 64
 _VERSION = re.compile(r"[vV]?[0-9][0-9A-Za-z.+~_-]*")
 # Fields of a model entry that, when present, must be counts of bytes.
@@ -128,7 +132,7 @@ def update(backend: BackendState, tags: Any, ps: Any, *, now: float | None = Non
     backend.models = {normalize_model(n) for n in names}
     backend.model_sizes = sizes
     resident: dict[str, dict[str, Any]] = {}
-    for m in loaded:
+    for m in loaded[:MAX_RESIDENT]:
         resident[normalize_model(entry_name(m))] = m
     backend.resident = resident
     now = time.monotonic() if now is None else now

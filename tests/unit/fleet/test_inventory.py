@@ -139,3 +139,16 @@ async def test_probe_of_a_body_over_the_cap_fails_and_is_counted() -> None:
     health, metrics = checker(fake)
     assert not await health.probe(health.registry.get("a"))
     assert malformed(metrics, "too_large") == 1
+
+
+def test_a_backend_claiming_thousands_of_loaded_models_is_believed_only_so_far() -> None:
+    """corral_model_resident stays bounded: at most MAX_RESIDENT loaded models per backend."""
+    from corral.fleet.backends import BackendState
+    from corral.fleet.inventory import MAX_RESIDENT, ResidencyCollector
+
+    backend = BackendState(id="a", url="http://127.0.0.1:1")
+    ps = {"models": [{"name": f"m{i}", "size": 10, "size_vram": 10} for i in range(100_000)]}
+    inventory.update(backend, {"models": []}, ps)
+    assert len(backend.resident) == MAX_RESIDENT
+    [family] = ResidencyCollector(BackendRegistry([backend])).collect()
+    assert len(family.samples) == MAX_RESIDENT
