@@ -11,7 +11,7 @@ import hmac
 import ipaddress
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from corral.asgi import Headers, Scope, header
@@ -160,6 +160,9 @@ class ClientAuth:
         self._admin = _digest(admin_key) if admin_key else None
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+        # [cluster]: one bucket per key for the whole fleet, ``shared(bucket, rate, burst)``
+        # answering the seconds to wait (0.0: taken) or None (Redis away: decide here).
+        self.shared: SharedBucket | None = None
 
     @property
     def enabled(self) -> bool:
@@ -173,6 +176,18 @@ class ClientAuth:
         if self._admin is not None and hmac.compare_digest(digest, self._admin):
             return ADMIN_CLIENT
         return self._keys.get(digest)
+
+    async def shared_retry_after(self, client: ClientKey) -> int | None:
+        """:meth:`retry_after` against the fleet's bucket for ``client`` (one per key across
+        the replicas of a cluster); this replica's own bucket while the cluster's Redis is
+        away."""
+        rate = client.rate_per_s
+        if rate is None or self.shared is None:
+            return self.retry_after(client)
+        wait = await self.shared(f"client:{client.name}", rate, max(rate, 1.0))
+        if wait is None:
+            return self.retry_after(client)
+        return None if wait <= 0 else max(1, math.ceil(wait))
 
     def retry_after(self, client: ClientKey) -> int | None:
         """None when ``client`` may send a request now (it is counted); else seconds to wait."""
@@ -191,3 +206,5 @@ class ClientAuth:
 
 
 ADMIN_CLIENT = ClientKey(name="admin")
+
+SharedBucket = Callable[[str, float, float], Awaitable[float | None]]

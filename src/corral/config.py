@@ -238,16 +238,6 @@ class ClusterSettings(_Section):
     name: str = Field("corral", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     lease_s: float = Field(10, gt=0)
 
-    @field_validator("redis_url")
-    @classmethod
-    def _not_yet(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and value.get_secret_value():
-            raise ValueError(
-                "sharing state through Redis is not available in this version of corral; "
-                "run one corral process"
-            )
-        return value
-
 
 # What a [[discovery]] dns names.
 OLLAMA_PORT = 11434

@@ -9,6 +9,8 @@ CorralError
 ├── PlacementError              a model load or unload a backend refused or failed
 │   └── NotInstalledError       the model is not on the backend(s) named
 ├── ResolutionError             a [[discovery]] DNS lookup failed (corral.fleet.discovery)
+├── ClusterUnavailableError     the [cluster] Redis did not answer in time: decide locally
+│                               (corral.cluster.link; never reaches a client)
 └── RoutingError                a request could not be served (mapped to HTTP at one boundary)
     ├── RequestError            the request itself is wrong (400, 413), told before any routing
     ├── ModelNotFoundError      no backend lists the model            -> 404

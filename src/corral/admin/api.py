@@ -120,7 +120,7 @@ def load_entry(runtime: Runtime, b: BackendState) -> dict[str, Any]:
     return {
         "instance_id": b.id,
         "url": b.url,
-        "active_connections": b.in_flight,
+        "active_connections": b.in_flight + b.elsewhere,
         "max_concurrent": b.max_concurrent,
         "max_loaded_models": b.max_loaded_models,
         "total_connections": b.total_requests,
@@ -160,6 +160,7 @@ async def put_strategy(body: StrategyBody, runtime: RuntimeDep) -> dict[str, str
         runtime.set_strategy(body.strategy)
     except UnknownStrategyError as exc:
         raise HTTPException(400, str(exc)) from None
+    await runtime.publish("strategy", "balancer", body.strategy)
     return {"strategy": body.strategy, "message": f"strategy changed from {old} to {body.strategy}"}
 
 
@@ -195,6 +196,7 @@ async def add_backend(body: BackendBody, runtime: RuntimeDep) -> dict[str, Any]:
         runtime.registry.add(backend)
     except DuplicateBackendError as exc:
         raise HTTPException(409, str(exc)) from None
+    await runtime.publish("backends", backend.id, backend.record())
     await runtime.health.probe(backend)
     await runtime.gpus.poll()
     return load_entry(runtime, backend)
@@ -219,6 +221,12 @@ async def patch_backend(backend_id: str, body: BackendPatch, runtime: RuntimeDep
             runtime.registry.notify()
     except UnknownBackendError as exc:
         raise HTTPException(404, str(exc)) from None
+    if body.action is not None:
+        await runtime.publish("drains", backend_id, True if body.action == "drain" else None)
+    if body.weight is not None:
+        await runtime.publish("weights", backend_id, body.weight)
+    if body.max_concurrent is not None:
+        await runtime.publish("max_concurrent", backend_id, body.max_concurrent)
     return load_entry(runtime, backend)
 
 
@@ -236,6 +244,7 @@ async def remove_backend(
         raise HTTPException(404, str(exc)) from None
     if not force and backend.in_flight:
         runtime.registry.drain(backend_id)
+        await runtime.publish("drains", backend_id, True)
         grace = runtime.settings.server.drain_timeout_s
         if not await runtime.wait_idle(backend, grace):
             raise HTTPException(
@@ -247,6 +256,10 @@ async def remove_backend(
         runtime.registry.remove(backend_id)
     except UnknownBackendError as exc:  # removed meanwhile (expired, another DELETE)
         raise HTTPException(404, str(exc)) from None
+    if backend.registered:
+        await runtime.publish("backends", backend_id, None)
+    for kind in ("drains", "weights", "max_concurrent", "heartbeats"):
+        await runtime.publish(kind, backend_id, None)
     return {"removed": backend.id, "in_flight": backend.in_flight}
 
 
@@ -264,6 +277,8 @@ async def heartbeat(
         )
     ttl = body.ttl_s if body and body.ttl_s else backend.ttl_s
     runtime.registry.heartbeat(backend_id, ttl)
+    # A changing value, so that every replica hears each heartbeat.
+    await runtime.publish("heartbeats", backend_id, {"ttl_s": ttl, "at": time.time()})
     return {"instance_id": backend_id, "ttl_s": ttl}
 
 
@@ -302,7 +317,7 @@ async def stats(runtime: RuntimeDep) -> dict[str, Any]:
     backends = runtime.registry.all()
     usable = [b for b in backends if b.available(now)]
     capacity = sum(b.max_concurrent for b in usable)
-    current = sum(b.in_flight for b in backends)
+    current = sum(b.in_flight + b.elsewhere for b in backends)
     return {
         "strategy": runtime.router.strategy_name,
         "backends": len(backends),

@@ -346,7 +346,10 @@ class Admission:
     def _any_free(self) -> bool:
         """Some backend takes requests and has a slot (else dispatching is pointless)."""
         now = self._clock()
-        return any(b.in_flight < backend_cap(b) and b.available(now) for b in self.registry.all())
+        return any(
+            b.in_flight + b.elsewhere < backend_cap(b) and b.available(now)
+            for b in self.registry.all()
+        )
 
     def close(self, reason: str) -> int:
         """Stop admitting (shutdown): every queued request gets 503 now; returns how many."""

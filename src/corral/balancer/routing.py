@@ -130,11 +130,13 @@ class Router:
         """Ollama runs OLLAMA_NUM_PARALLEL (``max_concurrent``) requests per loaded model: a
         slot is free for ``model_key`` while its requests there are fewer (requests not
         counted for a model, such as ``/api/show``, count against every model)."""
-        in_flight = b.in_flight
+        in_flight = b.in_flight + b.elsewhere  # fleet-wide (elsewhere: other replicas)
         if not in_flight:
             return True
         if in_flight >= backend_cap(b):
             return False
+        # Other replicas' requests are not counted per model here: they count against every
+        # model (conservative), as uncounted local ones do.
         uncounted = max(0, in_flight - self.demand.counted(b.id))
         mine = self.demand.in_flight(b.id, model_key) if model_key is not None else 0
         return mine + uncounted < b.max_concurrent
@@ -232,7 +234,7 @@ class Router:
             if backend is not None:
                 # The conversation's prompt is cached there: keep it unless that backend is
                 # far busier than the others it could go to.
-                least = min(b.in_flight / b.max_concurrent for b in free)
+                least = min((b.in_flight + b.elsewhere) / b.max_concurrent for b in free)
                 if not self._spills(backend, least):
                     return backend
         by_id = {b.id: b for b in free}
@@ -243,7 +245,7 @@ class Router:
 
     def _spills(self, backend: BackendState, least: float) -> bool:
         """``backend`` is too much busier than the least loaded one to keep its affinity."""
-        load = backend.in_flight / backend.max_concurrent
+        load = (backend.in_flight + backend.elsewhere) / backend.max_concurrent
         excess = (load - least) * backend.max_concurrent  # in the backend's own requests
         return (
             excess > self.settings.affinity_spill_abs
@@ -286,7 +288,7 @@ class Router:
                 if loaded and soonest > self.costs.holder_wait_s(loaded, model_key, now):
                     return []
                 ready = [b for b in open_ if left[b.id] == soonest]
-            least = min(b.in_flight / b.max_concurrent for b in ready)
+            least = min((b.in_flight + b.elsewhere) / b.max_concurrent for b in ready)
             return [b for b in ready if not self._spills(b, least)]
         holders = on_gpu or partial
         others = [b for b in free if b not in holders]

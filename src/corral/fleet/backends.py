@@ -94,7 +94,10 @@ class BackendState:
     consecutive_errors: int = 0
     version: str | None = None
 
-    in_flight: int = 0
+    in_flight: int = 0  # this replica's requests on it
+    # Requests other corral replicas run on it ([cluster], as last heard; 0 without one).
+    # Routing weighs ``in_flight + elsewhere``; draining and removal wait for ``in_flight``.
+    elsewhere: int = 0
     total_requests: int = 0
     total_failures: int = 0
     last_response_time: float | None = None
@@ -208,7 +211,7 @@ class BackendState:
         return Candidate(
             self.id,
             weight,
-            self.in_flight,
+            self.in_flight + self.elsewhere,
             self.max_concurrent,
             self.total_requests,
             self.ttft.value,

@@ -173,6 +173,16 @@ class ReplayLedger:
     def records(self) -> list[dict[str, Any]]:
         return [r.record() for r in self.all()]
 
+    def by_backend(self) -> dict[str, list[dict[str, Any]]]:
+        """:meth:`records`, per backend (what a cluster shares)."""
+        return {bid: [r.record() for r in owed] for bid, owed in self._owed.items() if owed}
+
+    def replace(self, backend_id: str, records: Iterable[Any]) -> None:
+        """What ``backend_id`` owes is ``records`` (another replica changed it): no
+        ``on_change``, since the change is not this ledger's own."""
+        self._owed.pop(backend_id, None)
+        self.restore(r for r in records if isinstance(r, dict) and r.get("backend") == backend_id)
+
     def restore(self, records: Iterable[Any]) -> int:
         """Take back what :meth:`records` saved; entries that do not parse are skipped."""
         count = 0

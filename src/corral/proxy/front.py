@@ -395,7 +395,10 @@ class OllamaFront:
             message = "missing API key" if presented is None else "invalid API key"
             await reply.error(401, message, [(b"www-authenticate", b"Bearer")])
             return False
-        wait = self.clients.retry_after(client)
+        if self.clients.shared is None:
+            wait = self.clients.retry_after(client)
+        else:
+            wait = await self.clients.shared_retry_after(client)
         if wait is not None:
             self.metrics.child(self.metrics.rejections, "rate_limited").inc()
             message = f"rate limit of client key '{client.name}' exceeded"
