@@ -1,11 +1,21 @@
-"""Running corral under uvicorn (uvloop + httptools), with a graceful SIGTERM drain."""
+"""Running corral under uvicorn (uvloop + httptools), with a graceful SIGTERM drain.
+
+``serve --workers N`` runs N such servers as processes on one port: each binds its own
+socket with SO_REUSEPORT (the kernel spreads connections over them) and is a whole corral
+(its own listener protocol, drain, and cluster replica id), sharing slots and state with the
+others through ``[cluster]``'s Redis. The parent only starts them, passes SIGTERM/SIGINT on
+(each worker drains its own requests) and exits with the worst exit code.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from types import FrameType
 
@@ -30,19 +40,24 @@ class CorralServer(uvicorn.Server):
     """
 
     def __init__(
-        self, config: uvicorn.Config, app: CorralApp, admin: uvicorn.Config | None = None
+        self,
+        config: uvicorn.Config,
+        app: CorralApp,
+        admin: uvicorn.Config | None = None,
+        admin_sockets: list[socket.socket] | None = None,
     ) -> None:
         super().__init__(config)
         self.corral = app
         self._drain_task: asyncio.Task[None] | None = None
         self.admin = _AdminServer(admin) if admin is not None else None
+        self._admin_sockets = admin_sockets
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         """Serve the main port, and the admin listener beside it when there is one."""
         if self.admin is None:
             await super().serve(sockets)
             return
-        admin = asyncio.create_task(self.admin.serve(), name="admin-listener")
+        admin = asyncio.create_task(self.admin.serve(self._admin_sockets), name="admin-listener")
         try:
             await super().serve(sockets)
         finally:
@@ -144,7 +159,7 @@ def uvicorn_config(
     )
 
 
-def build_server(settings: Settings) -> CorralServer:
+def build_server(settings: Settings, *, shared_port: bool = False) -> CorralServer:
     app = create_app(settings)
     admin = None
     gate = connection_gate(app, settings, admin=app.admin_api is not None)
@@ -163,9 +178,73 @@ def build_server(settings: Settings) -> CorralServer:
             timeout_keep_alive=settings.server.idle_timeout_s,  # type: ignore[arg-type]
             proxy_headers=False,
         )
-    return CorralServer(uvicorn_config(app, settings, gate=gate), app, admin)
+    admin_sockets = None
+    if admin is not None and shared_port:
+        admin_sockets = [reuse_port_socket(admin.host, admin.port)]
+    return CorralServer(uvicorn_config(app, settings, gate=gate), app, admin, admin_sockets)
 
 
-def run_server(settings: Settings) -> None:
+def run_server(settings: Settings, workers: int = 1) -> None:
     configure_logging(settings.server.log_level, settings.server.log_format)
+    if workers > 1:
+        sys.exit(run_workers(settings, workers))
     build_server(settings).run()
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that other processes may bind too (SO_REUSEPORT): the kernel
+    spreads new connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _worker(settings: Settings, number: int) -> None:
+    """One worker process: a whole corral on a SO_REUSEPORT socket of the shared port."""
+    configure_logging(settings.server.log_level, settings.server.log_format)
+    structlog.contextvars.bind_contextvars(worker=number)
+    server = build_server(settings, shared_port=True)
+    sock = reuse_port_socket(settings.server.host, settings.server.port)
+    server.run(sockets=[sock])
+
+
+def run_workers(settings: Settings, workers: int) -> int:
+    """Run ``workers`` corral processes on one port; SIGTERM/SIGINT go to each of them (each
+    drains). Returns the worst exit code."""
+    if settings.server.port == 0:
+        raise ValueError("--workers needs a fixed server.port (each worker binds it)")
+    context = multiprocessing.get_context("spawn")
+    procs = [
+        context.Process(target=_worker, args=(settings, n), name=f"corral-worker-{n}")
+        for n in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    log.info(
+        "corral workers started",
+        workers=workers,
+        pids=[p.pid for p in procs],
+        port=settings.server.port,
+    )
+
+    def forward(sig: int, frame: FrameType | None) -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    worst = 0
+    for proc in procs:
+        proc.join()
+        code = proc.exitcode or 0
+        if code:
+            log.warning("corral worker exited", worker=proc.name, code=code)
+        worst = max(worst, abs(code))
+    return worst

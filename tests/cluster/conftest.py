@@ -114,7 +114,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def settings(url: str, *, name: str = "fleet", lease_s: float = LEASE_S) -> ClusterSettings:
-    # model_construct: the [cluster] validator still refuses redis_url until corral wires it.
+    # model_construct: no Settings around it (the URL is checked by Cluster itself).
     return ClusterSettings.model_construct(redis_url=SecretStr(url), name=name, lease_s=lease_s)
 
 

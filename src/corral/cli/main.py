@@ -70,6 +70,12 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (server.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (server.port).")] = None,
     strategy: Annotated[str | None, typer.Option(help="Strategy (balancer.strategy).")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Processes on one port (SO_REUSEPORT); >1 needs [cluster] redis_url."
+        ),
+    ] = 1,
 ) -> None:
     """Run corral in front of the backends of the config."""
     overrides: dict[str, Any] = {}
@@ -83,11 +89,21 @@ def serve(
     if strategy is not None:
         overrides["balancer"] = {"strategy": strategy}
     settings = _load(config, overrides)
+    url = settings.cluster.redis_url
+    if workers > 1 and (url is None or not url.get_secret_value()):
+        err.print(
+            "error: --workers > 1 needs [cluster] redis_url (workers share slots and state "
+            "through Redis)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
     from corral.server import run_server
 
     if not settings.backends:
         err.print("warning: no [[backends]] configured; add some or POST them to the admin API")
-    run_server(settings)
+    run_server(settings, workers)
 
 
 @app.command("check-config")

@@ -7,6 +7,10 @@ from collections import deque
 from typing import Any
 
 RECENT_MAX = 200
+GENERATING = frozenset(
+    {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/v1/chat/completions",
+     "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"}
+)  # fmt: skip
 
 
 class RequestRecord:
@@ -73,6 +77,10 @@ class Stats:
         self.by_route: dict[str, int] = {}
         self.recent: deque[RequestRecord] = deque(maxlen=RECENT_MAX)
         self._in_flight: set[RequestRecord] = set()
+        # The most generation requests (the routes that take a runner slot) at once since
+        # the last reset: what max_concurrent bounds.
+        self.peak_in_flight = 0
+        self._generating = 0
 
     def begin(self, route: str, host: str, request_id: str | None, client: str) -> RequestRecord:
         """Record the start of a request."""
@@ -81,6 +89,9 @@ class Stats:
         self.by_route[route] = self.by_route.get(route, 0) + 1
         self.recent.append(rec)
         self._in_flight.add(rec)
+        if route in GENERATING:
+            self._generating += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._generating)
         return rec
 
     def end(self, rec: RequestRecord) -> None:
@@ -89,6 +100,8 @@ class Stats:
         if rec not in self._in_flight:
             return  # started before a reset
         self._in_flight.discard(rec)
+        if rec.route in GENERATING:
+            self._generating -= 1
         if rec.cancelled:
             self.cancelled += 1
         elif rec.status >= 400 or rec.error is not None:
@@ -102,6 +115,7 @@ class Stats:
             "name": self.name,
             "requests_total": self.requests_total,
             "in_flight": len(self._in_flight),
+            "peak_in_flight": self.peak_in_flight,
             "completed": self.completed,
             "cancelled": self.cancelled,
             "failed": self.failed,

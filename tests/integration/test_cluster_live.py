@@ -1,0 +1,268 @@
+"""Several corral replicas sharing one real redis-server ([cluster]): slots, state, leader,
+outage and ``serve --workers``, end to end on loopback with the simulator as backend."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.cluster.conftest import PASSWORD, REDIS_SERVER, RedisServer
+from tests.helpers import free_port, poll
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+
+LEASE_S = 1.0
+LB = "/api/v1/loadbalancer"
+GEN = {"model": "llama3.2", "prompt": "hi", "stream": False}
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    if REDIS_SERVER is None:
+        reason = "redis-server is not installed (scripts/test-deps.sh installs Debian's)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = RedisServer(REDIS_SERVER).start()
+    yield server
+    server.stop()
+
+
+def cluster(redis: RedisServer, name: str = "t") -> dict[str, Any]:
+    return {"redis_url": redis.url, "name": name, "lease_s": LEASE_S}
+
+
+def backend(sim: Any, max_concurrent: int = 2) -> dict[str, Any]:
+    # One model at a time: the fleet-wide cap is max_concurrent (see README).
+    return {"id": "gpu0", "url": sim.url, "max_concurrent": max_concurrent, "max_loaded_models": 1}
+
+
+def metric(url: str, name: str) -> float | None:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return None if found is None else float(found.group(1))
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def generate(url: str) -> int:
+    try:
+        return httpx.post(f"{url}/api/generate", json=GEN, timeout=30).status_code
+    except httpx.HTTPError as exc:
+        return -hash(type(exc).__name__) % 1000
+
+
+def spray(urls: list[str], n: int, workers: int = 12) -> list[int]:
+    """``n`` requests spread round-robin over ``urls``, ``workers`` at once: the statuses."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(generate, [urls[i % len(urls)] for i in range(n)]))
+
+
+def test_backend_never_sees_more_than_max_concurrent(
+    redis: RedisServer, sim_factory: Any, corral_factory: Any
+) -> None:
+    """Load spread over three replicas: the backend's own peak stays at max_concurrent."""
+    sim = sim_factory(name="a", token_interval_s=0.01, tokens=8, num_parallel=16)
+    replicas = [corral_factory([backend(sim)], cluster=cluster(redis)) for _ in range(3)]
+    assert all(poll(lambda r=r: healthy(r.url), 10) for r in replicas)
+    statuses = spray([r.url for r in replicas], 60)
+    assert statuses == [200] * 60
+    assert sim.stats()["peak_in_flight"] == 2
+
+
+def test_state_reaches_the_other_replica_within_a_second(
+    redis: RedisServer, sim_factory: Any, corral_factory: Any
+) -> None:
+    """A strategy PUT, a drain and a registration on A take effect on B within 1 s."""
+    a_sim, b_sim = sim_factory(name="a"), sim_factory(name="b")
+    a = corral_factory([backend(a_sim)], cluster=cluster(redis))
+    b = corral_factory([backend(a_sim)], cluster=cluster(redis))
+    with a.client() as ca, b.client() as cb:
+        assert ca.put(f"{LB}/strategy", json={"strategy": "round_robin"}).status_code == 200
+        assert poll(lambda: cb.get(f"{LB}/strategy").json()["strategy"] == "round_robin", 1)
+
+        assert ca.patch(f"{LB}/backends/gpu0", json={"action": "drain"}).status_code == 200
+        assert poll(lambda: b.runtime.registry.get("gpu0").draining, 1)
+        ca.patch(f"{LB}/backends/gpu0", json={"action": "enable"})
+        assert poll(lambda: not b.runtime.registry.get("gpu0").draining, 1)
+
+        new = {"id": "gpu1", "url": b_sim.url, "max_concurrent": 3, "ttl_s": 30}
+        assert ca.post(f"{LB}/backends", json=new).status_code == 201
+        assert poll(lambda: "gpu1" in b.runtime.registry, 1)
+        assert poll(lambda: b.runtime.registry.get("gpu1").healthy, 1)
+        assert b.runtime.registry.get("gpu1").max_concurrent == 3
+
+        assert ca.delete(f"{LB}/backends/gpu1").status_code == 200
+        assert poll(lambda: "gpu1" not in b.runtime.registry, 1)
+
+
+def corral_process(
+    tmp_path: Path, name: str, sim: Any, redis: RedisServer, *extra: str, toml: str = ""
+) -> tuple[subprocess.Popen[bytes], str, int]:
+    port = free_port()
+    config = tmp_path / f"{name}.toml"
+    config.write_text(
+        f'[server]\nport = {port}\nlog_level = "warning"\n'
+        f"[health]\ninterval_s = 0.2\ntimeout_s = 1\nfall = 2\nrise = 1\n"
+        f'[cluster]\nredis_url = "{redis.url}"\nname = "t"\nlease_s = {LEASE_S}\n'
+        f'[[backends]]\nid = "gpu0"\nurl = "{sim.url}"\nmax_concurrent = 2\n'
+        f"max_loaded_models = 1\n{toml}"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral", "serve", "--config", str(config), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    assert poll(lambda: healthy(url), 20, 0.05), "corral serve did not become ready"
+    return proc, url, port
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_killed_replica_frees_its_slots_within_lease_s(
+    tmp_path: Path, redis: RedisServer, sim_factory: Any, corral_factory: Any
+) -> None:
+    """SIGKILL of a replica holding both slots: the other sees them free within lease_s."""
+    sim = sim_factory(name="a", token_interval_s=0.5, tokens=60)
+    proc, url, _ = corral_process(tmp_path, "p", sim, redis)
+    other = corral_factory([backend(sim)], cluster=cluster(redis))
+    pool = ThreadPoolExecutor(2)
+    try:
+        for _ in range(2):
+            pool.submit(generate, url)
+        gpu0 = other.runtime.registry.get("gpu0")
+        assert poll(lambda: gpu0.elsewhere == 2, 5)
+        kill(proc)
+        killed = time.monotonic()
+        assert poll(lambda: gpu0.elsewhere == 0, LEASE_S + 1.5, 0.01)
+        assert time.monotonic() - killed <= LEASE_S + 1.0  # lease_s, plus a heartbeat's news
+        sim.config.token_interval_s, sim.config.tokens = 0.0, 4
+        assert generate(other.url) == 200
+    finally:
+        kill(proc)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_killed_leader_hands_placement_over(
+    tmp_path: Path, redis: RedisServer, sim_factory: Any, corral_factory: Any
+) -> None:
+    """SIGKILL of the leader: another replica takes the lock and runs placement."""
+    sim = sim_factory(name="a")
+    placement = '[placement]\npriority_models = ["llama3.2"]\n'
+    proc, url, _ = corral_process(tmp_path, "leader", sim, redis, toml=placement)
+    try:
+        assert poll(lambda: metric(url, "corral_cluster_leader") == 1.0, 5)
+        other = corral_factory(
+            [backend(sim)], cluster=cluster(redis), placement={"priority_models": ["llama3.2"]}
+        )
+        assert not other.runtime.cluster.is_leader
+        assert not other.runtime._leading  # placement runs on the leader only
+        kill(proc)
+        assert poll(lambda: other.runtime.cluster.is_leader, LEASE_S + 1.0, 0.01)
+        names = {t.get_name() for t in other.runtime._leading if not t.done()}
+        assert {"placement", "replays"} <= names
+        assert metric(other.url, "corral_cluster_leader") == 1.0
+    finally:
+        kill(proc)
+
+
+def test_redis_stopped_mid_load(redis: RedisServer, sim_factory: Any, corral_factory: Any) -> None:
+    """Redis stopped under load: no request fails, corral_cluster_up 0; when it restarts the
+    replicas resynchronise (a change made meanwhile reaches the other one)."""
+    sim = sim_factory(name="a", token_interval_s=0.005, tokens=4)
+    a = corral_factory([backend(sim, 4)], cluster=cluster(redis))
+    b = corral_factory([backend(sim, 4)], cluster=cluster(redis))
+    assert poll(lambda: healthy(a.url) and healthy(b.url), 10)
+    urls = [a.url, b.url]
+    with ThreadPoolExecutor(1) as load:
+        running = load.submit(spray, urls, 150, 6)
+        time.sleep(0.3)
+        redis.stop()
+        assert poll(lambda: metric(a.url, "corral_cluster_up") == 0.0, 3)
+        assert poll(lambda: metric(b.url, "corral_cluster_up") == 0.0, 3)
+        statuses = running.result(60)
+    assert statuses == [200] * 150
+    # A change while Redis is away applies locally and is written at the resync.
+    with a.client() as ca:
+        assert ca.put(f"{LB}/strategy", json={"strategy": "round_robin"}).status_code == 200
+    assert b.runtime.router.strategy_name != "round_robin"
+    redis.start()
+    assert poll(lambda: metric(a.url, "corral_cluster_up") == 1.0, 5)
+    assert poll(lambda: b.runtime.router.strategy_name == "round_robin", 5)
+    assert spray(urls, 10) == [200] * 10
+
+
+def test_workers_share_one_port_and_the_slots(
+    tmp_path: Path, redis: RedisServer, sim_factory: Any
+) -> None:
+    """``serve --workers 2``: two processes answer on one port and share the slots."""
+    sim = sim_factory(name="a", token_interval_s=0.01, tokens=8, num_parallel=16)
+    proc, url, _ = corral_process(tmp_path, "w", sim, redis, "--workers", "2")
+    try:
+        # Every fresh connection lands on one worker or the other (SO_REUSEPORT).
+        def ready_everywhere() -> bool:
+            return all(healthy(url) for _ in range(8))
+
+        assert poll(ready_everywhere, 20)
+        statuses = spray([url], 40)
+        assert statuses == [200] * 40
+        assert sim.stats()["peak_in_flight"] == 2
+        # Each worker counts its own requests: fresh connections see two different counts.
+        seen = set()
+        for _ in range(40):
+            with httpx.Client(base_url=url, timeout=5) as c:
+                seen.add(c.get(f"{LB}/loads").json()["loads"]["gpu0"]["total_connections"])
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2
+        assert sum(seen) == 40
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        finally:
+            kill(proc)
+    assert proc.returncode == 0
+
+
+def test_workers_refused_without_redis(tmp_path: Path) -> None:
+    """``--workers 2`` without [cluster] redis_url: one line on stderr, exit 2."""
+    config = tmp_path / "c.toml"
+    config.write_text(f"[server]\nport = {free_port()}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "corral", "serve", "--config", str(config), "--workers", "2"],
+        capture_output=True,
+        env=env,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.decode().strip().count("\n") == 0
+    assert "redis_url" in done.stderr.decode()
+
+
+assert PASSWORD  # the fixtures' password protects every Redis these tests start
