@@ -12,8 +12,12 @@ run and over ``--rounds`` rounds (medians printed):
   ``INFO commandstats``, background heartbeats included).
 
 Each replica is its own process (``--worker``), running the cluster's background loop
-(heartbeat, pub/sub listener, leader lock), on uvloop when installed, as corral would. The
-full benchmark, with corral processes in front of fast backends, comes with the wiring.
+(heartbeat, pub/sub listener, leader lock), on uvloop when installed, as corral would.
+
+Then, end to end (bench/_cluster_e2e.py, skipped with ``--no-e2e``): corral processes in front
+of two fast backends (bench/_fast_backend.py), driven by wrk: req/s and added p50 for 1
+process, ``serve --workers 2`` and 2 replicas sharing the Redis, and the Redis commands per
+request.
 
     .venv/bin/python bench/cluster.py            # 3 rounds of 3 s phases, about 40 s
     .venv/bin/python bench/cluster.py --quick    # 1 round of 1 s phases
@@ -36,6 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def free_port() -> int:
@@ -216,6 +221,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per phase")
     parser.add_argument("--concurrency", type=int, default=32, help="coroutines per replica")
     parser.add_argument("--quick", action="store_true", help="1 round of 1 s phases")
+    parser.add_argument("--no-e2e", action="store_true", help="the library phases only")
+    parser.add_argument("--no-library", action="store_true", help="the end-to-end phase only")
+    parser.add_argument("--e2e-seconds", type=int, default=5, help="seconds per wrk run")
     args = parser.parse_args()
     if args.worker:
         run_worker(args.worker)
@@ -244,11 +252,17 @@ def main() -> None:
             except OSError:
                 assert time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.02)
+    e2e: dict[str, Any] | None = None
     try:
         rounds = []
-        for number in range(args.rounds):
+        for number in range(0 if args.no_library else args.rounds):
             print(f"round {number + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
             rounds.append(one_round(url, port, args))
+        if not args.no_e2e and port is not None:
+            import _cluster_e2e
+
+            seconds = 2 if args.quick else args.e2e_seconds
+            e2e = _cluster_e2e.run(url, port, seconds=seconds, rounds=args.rounds)
     finally:
         if server is not None:
             server.terminate()
@@ -264,6 +278,12 @@ def main() -> None:
         values = [r[key] for r in rounds if key in r]
         if values:
             print(f"| {label:<{width}} | {statistics.median(values):>10.3f} |")
+    if e2e is not None:
+        import _cluster_e2e
+
+        print(f"\nend to end: corral in front of two fast backends, median of {args.rounds} "
+              f"round(s)")  # fmt: skip
+        print(_cluster_e2e.table(e2e, cores))
 
 
 if __name__ == "__main__":

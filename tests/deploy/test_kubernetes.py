@@ -107,13 +107,13 @@ def test_every_manifest_is_valid_kubernetes(version: str) -> None:
 
 def test_the_config_map_is_a_config_corral_accepts(tmp_path: Path) -> None:
     """corral's own loader reads the ConfigMap's corral.toml: on every interface, one DNS
-    discovery entry, no Redis yet (the loader would refuse redis_url)."""
+    discovery entry, the replicas sharing state through the Redis Service."""
     settings = corral_settings(tmp_path)
     assert settings.server.host == "0.0.0.0"
     assert settings.server.port == 11434
     [discovery] = settings.discovery
-    assert settings.cluster.redis_url is None
-    assert "# redis_url" in corral_toml()
+    assert settings.cluster.redis_url is not None
+    assert settings.cluster.redis_url.get_secret_value().startswith("redis://redis:")
     assert discovery.interval_s <= 30
 
 
@@ -219,13 +219,14 @@ def test_discovery_names_the_headless_service_of_the_ollama_pods(tmp_path: Path)
 
 
 def test_slots_fit_what_each_ollama_runs_at_once(tmp_path: Path) -> None:
-    """Replicas do not share slots yet: every corral replica may send max_concurrent requests
-    to one GPU, so together they must not exceed OLLAMA_NUM_PARALLEL; max_loaded_models is
-    Ollama's OLLAMA_MAX_LOADED_MODELS."""
-    [discovery] = corral_settings(tmp_path).discovery
-    replicas = one("Deployment", "corral")["spec"]["replicas"]
+    """The replicas share their slots through Redis: max_concurrent is Ollama's
+    OLLAMA_NUM_PARALLEL (not divided by the replicas); max_loaded_models is Ollama's
+    OLLAMA_MAX_LOADED_MODELS."""
+    settings = corral_settings(tmp_path)
+    [discovery] = settings.discovery
+    assert settings.cluster.redis_url is not None
     env = {e["name"]: e["value"] for e in container(one("StatefulSet", "ollama"), "ollama")["env"]}
-    assert replicas * discovery.max_concurrent <= int(env["OLLAMA_NUM_PARALLEL"])
+    assert discovery.max_concurrent == int(env["OLLAMA_NUM_PARALLEL"])
     assert discovery.max_loaded_models == int(env["OLLAMA_MAX_LOADED_MODELS"])
 
 
@@ -264,9 +265,9 @@ def test_every_reference_points_at_an_object_in_the_set() -> None:
             selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
             for w in workloads
         ), service["metadata"]["name"]
-    # The commented redis_url names the Redis Service and its port.
+    # redis_url names the Redis Service and its port.
     line = next(x for x in corral_toml().splitlines() if "redis_url" in x and "redis://" in x)
-    url = shlex.split(line.lstrip("# ").partition("=")[2])[0]
+    url = shlex.split(line.partition("=")[2])[0]
     tomllib.loads(f'redis_url = "{url}"')
     redis_port = one("Service", "redis")["spec"]["ports"][0]["port"]
     assert url.startswith(f"redis://redis:{redis_port}/")
