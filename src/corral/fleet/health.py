@@ -41,8 +41,7 @@ class HealthChecker:
         self.metrics = metrics
         self._clock = clock
         self._next_probe: dict[str, float] = {}
-        # (backend, reason) pairs already logged at warning level; later ones go to debug.
-        self._noted: set[tuple[str, str]] = set()
+        self.unusable = inventory.Unusable(metrics, log, "backend answer unusable")
 
     async def run(self) -> None:
         """Probe forever; each round catches and logs its own errors."""
@@ -103,16 +102,8 @@ class HealthChecker:
         return ok
 
     def malformed(self, backend_id: str, reason: str, detail: str, count: int = 1) -> None:
-        """Count an answer (or ``count`` entries of one) corral could not use; log the first
-        of each kind per backend as a warning, the rest at debug level."""
-        self.metrics.backend_malformed.labels(backend=backend_id, reason=reason).inc(count)
-        seen = (backend_id, reason)
-        first = seen not in self._noted
-        if first:
-            self._noted.add(seen)
-        (log.warning if first else log.debug)(
-            "backend answer unusable", backend=backend_id, reason=reason, detail=detail[:300]
-        )
+        """Count and log an answer (or ``count`` entries of one) corral could not use."""
+        self.unusable.note(backend_id, reason, detail, count)
 
     def record_probe(self, backend: BackendState, ok: bool, started: float | None = None) -> None:
         s = self.settings

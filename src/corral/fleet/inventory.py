@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from corral.errors import UpstreamBadBodyError
 from corral.fleet.backends import BackendRegistry, BackendState, normalize_model
+from corral.metrics import Metrics
 
 Where = Literal["gpu", "partial", "cpu"]
 # A "loading" mark lasts until /api/ps lists the model, or this long.
@@ -112,6 +113,28 @@ def where(backend: BackendState, model_key: str) -> Where | None:
     if entry is None:
         return None
     return residency(entry.get("size"), entry.get("size_vram"))
+
+
+class Unusable:
+    """Counts backend answers corral could not use (``corral_backend_malformed``) and logs
+    them: the first of each reason per backend as a warning, the rest at debug level."""
+
+    def __init__(self, metrics: Metrics | None, logger: Any, event: str) -> None:
+        self.metrics = metrics
+        self.log = logger
+        self.event = event
+        self._noted: set[tuple[str, str]] = set()
+
+    def note(self, backend_id: str, reason: str, detail: str, count: int = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.backend_malformed.labels(backend=backend_id, reason=reason).inc(count)
+        seen = (backend_id, reason)
+        first = seen not in self._noted
+        if first:
+            self._noted.add(seen)
+        (self.log.warning if first else self.log.debug)(
+            self.event, backend=backend_id, reason=reason, detail=detail[:300], count=count
+        )
 
 
 def update(backend: BackendState, tags: Any, ps: Any, *, now: float | None = None) -> int:

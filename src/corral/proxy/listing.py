@@ -64,7 +64,7 @@ class Listing:
         self._cache: dict[str, tuple[tuple[str, ...], float, Results]] = {}
         self._inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[Results]] = {}
         self._generation = 0
-        self._noted: set[tuple[str, str]] = set()
+        self._unusable = inventory.Unusable(metrics, log, "backend answer left out of a listing")
         # A probe that finds the fleet's models changed (after a pull, say) makes them stale.
         registry.on_models(self.invalidate)
 
@@ -112,32 +112,17 @@ class Listing:
             if path == "/api/version":
                 version = inventory.version_of(answer)
                 if version is None:
-                    self._malformed(backend.id, "bad_entry", "/api/version: no usable version")
+                    self._unusable.note(backend.id, "bad_entry", "/api/version: no usable version")
                 return version
             entries, skipped = inventory.model_entries(answer, path)
         except UpstreamMalformedError as exc:
-            self._malformed(backend.id, exc.reason, str(exc))
+            self._unusable.note(backend.id, exc.reason, str(exc))
             return None
         except UpstreamError:
             return None
         if skipped:
-            self._malformed(backend.id, "bad_entry", f"{path}: entries skipped", skipped)
+            self._unusable.note(backend.id, "bad_entry", f"{path}: entries skipped", skipped)
         return entries
-
-    def _malformed(self, backend_id: str, reason: str, detail: str, count: int = 1) -> None:
-        if self.metrics is not None:
-            self.metrics.backend_malformed.labels(backend=backend_id, reason=reason).inc(count)
-        seen = (backend_id, reason)
-        first = seen not in self._noted
-        if first:
-            self._noted.add(seen)
-        (log.warning if first else log.debug)(
-            "backend answer left out of a listing",
-            backend=backend_id,
-            reason=reason,
-            detail=detail[:300],
-            count=count,
-        )
 
     async def aggregated(self, scope: Scope, send: Send, path: str, request_id: str) -> None:
         """``/api/tags``, ``/api/ps`` or ``/v1/models``: every backend's answer, merged."""
