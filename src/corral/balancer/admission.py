@@ -98,6 +98,8 @@ class Waiter:
 class Admission:
     """Hands out reserved slots; queues by priority when every eligible backend is full."""
 
+    lease_type: type[Lease] = Lease  # what slot() hands out (SharedAdmission: its own)
+
     def __init__(
         self,
         router: Router,
@@ -325,7 +327,7 @@ class Admission:
         given back on exit whatever happens inside. Set ``lease.served_s`` when the backend
         answered, so that demand learns how long it takes. Entering raises as :meth:`acquire`."""
         ask = (model, model_key, route, exclude, rank, enqueued, session, num_ctx, cloud)
-        return Lease(self, ask)
+        return self.lease_type(self, ask)
 
     def remote(self, model: str, model_key: str | None, exclude: Collection[str]) -> BackendState:
         """A backend to pass a cloud model's request through (``name:cloud``, ``-cloud``

@@ -76,6 +76,8 @@ class SharedLease(Lease):
 class SharedAdmission(Admission):
     """Admission whose slots are leases shared with the other replicas of a cluster."""
 
+    lease_type = SharedLease
+
     def __init__(
         self,
         router: Router,
@@ -92,22 +94,6 @@ class SharedAdmission(Admission):
         self.denied = 0  # fleet-wide slots refused after a local grant (contention)
         cluster.on_count(self._counted)
         cluster.on_freed(self._freed)
-
-    def slot(
-        self,
-        model: str,
-        model_key: str | None,
-        route: str,
-        exclude: Collection[str] = (),
-        *,
-        rank: int = 1,
-        enqueued: float | None = None,
-        session: str | None = None,
-        num_ctx: int | None = None,
-        cloud: bool = False,
-    ) -> Lease:
-        ask = (model, model_key, route, exclude, rank, enqueued, session, num_ctx, cloud)
-        return SharedLease(self, ask)
 
     async def claim(
         self,
