@@ -61,9 +61,23 @@ BLOBS_PREFIX: Final = "/api/blobs/"
 # the account routes. Cross-site requests never reach them.
 _SENSITIVE_PATHS = frozenset({*MANAGEMENT, *ACCOUNT})
 _SENSITIVE_PREFIXES = (ADMIN_PREFIX + "/", BLOBS_PREFIX, ACCOUNT_PREFIX)
-# Origins Ollama accepts by default besides loopback ones: desktop apps and editor webviews,
-# never a page a remote site can serve.
-_APP_SCHEMES = ("app://", "file://", "tauri://", "vscode-webview://", "vscode-file://")
+# Origins Ollama accepts by default besides loopback ones: desktop apps, editor webviews and
+# browser extensions (its CORS layer allows them), never a page a remote site can serve.
+_APP_SCHEMES = (
+    "app://",
+    "file://",
+    "tauri://",
+    "vscode-webview://",
+    "vscode-file://",
+    "chrome-extension://",
+    "moz-extension://",
+    "safari-extension://",
+    "ms-browser-extension://",
+)
+# CORS, as Ollama answers it for the origins it allows (gin-contrib/cors' defaults).
+_CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
+_CORS_MAX_AGE = b"43200"
+_CORS_EXPOSE = b"X-Corral-Backend, X-Request-ID, Retry-After"
 _CACHE_MAX = 1024  # distinct Host / Origin / peer values remembered (then forgotten at once)
 
 # Origin verdicts.
@@ -210,13 +224,25 @@ class EdgeGuard:
             if (
                 kind != TRUSTED
                 and not (kind == WILDCARD and not sensitive)
-                and (host is None or origin.partition(b"://")[2].lower() != host.lower())
+                and (host is None or not _same_authority(origin, host))
             ):
                 await self._refuse(scope, send, "origin", "origin not allowed")
                 return
         if sensitive and fetch_site == b"cross-site" and kind != TRUSTED:
             await self._refuse(scope, send, "cross_site", "cross-site request refused")
             return
+        if origin is not None:
+            # An allowed origin (not refused above) gets CORS answers, as Ollama gives them.
+            if kind == FOREIGN and not (sensitive or self.loopback_bound):
+                kind = self._origins.get(origin, -1)
+                if kind < 0:
+                    kind = self._origin_verdict(origin)
+            if kind != FOREIGN or (host is not None and _same_authority(origin, host)):
+                preflight = _header(scope, b"access-control-request-method")
+                if scope["method"] == "OPTIONS" and preflight:
+                    await _preflight(scope, send, origin)
+                    return
+                send = _with_cors(send, origin)
         if not self.management and is_management(path):
             await refuse(scope, send, MANAGEMENT_ELSEWHERE)
             return
@@ -369,3 +395,44 @@ __all__ = [
     "is_sensitive",
     "refuse",
 ]
+
+
+def _same_authority(origin: bytes, host: bytes) -> bool:
+    """The page's own origin: its host[:port] is the request's ``Host``."""
+    return origin.partition(b"://")[2].lower() == host.lower()
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((v for k, v in scope["headers"] if k == name), None)
+
+
+async def _preflight(scope: Scope, send: Send, origin: bytes) -> None:
+    """A CORS preflight from an allowed origin: 204, the methods, the headers it asks for."""
+    headers = [
+        (b"access-control-allow-origin", origin),
+        (b"access-control-allow-methods", _CORS_METHODS),
+        (b"access-control-max-age", _CORS_MAX_AGE),
+        (b"vary", b"Origin"),
+    ]
+    asked = _header(scope, b"access-control-request-headers")
+    if asked:
+        headers.append((b"access-control-allow-headers", asked))
+    await send({"type": "http.response.start", "status": 204, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _with_cors(send: Send, origin: bytes) -> Send:
+    """``send`` with the CORS headers an allowed origin's page needs to read the answer."""
+
+    async def sending(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = [
+                *message.get("headers", ()),
+                (b"access-control-allow-origin", origin),
+                (b"access-control-expose-headers", _CORS_EXPOSE),
+                (b"vary", b"Origin"),
+            ]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return sending

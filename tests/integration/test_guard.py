@@ -343,3 +343,49 @@ def test_the_official_clients_still_work_against_a_default_corral(corral: Any) -
             model="llama3.2", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
         )
         assert message.content
+
+
+def test_allowed_origins_get_cors_answers_as_ollama_gives_them(corral: Any) -> None:
+    """A page on a loopback origin, a browser extension and a listed origin can call corral
+    from a browser as they call Ollama: their preflight is answered 204 with the methods and
+    the headers they ask for, and answers carry Access-Control-Allow-Origin. A foreign origin
+    gets neither; a request without Origin gets no CORS headers."""
+    page = "http://localhost:3000"
+    with corral.client() as c:
+        pre = c.options(
+            "/v1/chat/completions",
+            headers={
+                "Origin": page,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+            },
+        )
+        assert pre.status_code == 204
+        assert pre.headers["access-control-allow-origin"] == page
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        assert pre.headers["access-control-allow-headers"] == (
+            "authorization, content-type, x-stainless-os"
+        )
+        for origin in (page, "chrome-extension://abcdefghijklmnop"):
+            r = c.post("/api/chat", json=CHAT, headers={"Origin": origin})
+            assert r.status_code == 200
+            assert r.headers["access-control-allow-origin"] == origin
+            assert "X-Corral-Backend" in r.headers["access-control-expose-headers"]
+        plain = c.post("/api/chat", json=CHAT)
+        assert "access-control-allow-origin" not in plain.headers
+        foreign = c.options(
+            "/api/chat",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert foreign.status_code == 403
+        assert "access-control-allow-origin" not in foreign.headers
+
+
+def test_a_listed_origin_gets_cors_on_inference(sim: Any, corral_factory: Any) -> None:
+    corral = corral_factory(
+        [{"id": "gpu0", "url": sim.url}], server={"allowed_origins": ["https://app.example.com"]}
+    )
+    with corral.client() as c:
+        r = c.post("/api/chat", json=CHAT, headers={"Origin": "https://app.example.com"})
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "https://app.example.com"

@@ -78,11 +78,11 @@ def chromium() -> str:
 class Browser:
     """Headless Chromium with one tab, driven over the DevTools protocol."""
 
-    def __init__(self, profile: Path) -> None:
+    def __init__(self, profile: Path, extra_flags: tuple[str, ...] = ()) -> None:
         self.profile = profile
         self._log = (profile.parent / "chromium.log").open("wb")
         self.proc = subprocess.Popen(
-            [chromium(), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            [chromium(), *FLAGS, *extra_flags, f"--user-data-dir={profile}", "about:blank"],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -155,8 +155,13 @@ class Browser:
         self.send("Page.navigate", url=url)
         assert poll(lambda: self.evaluate("document.readyState") == "complete", 10)
 
-    def evaluate(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+    def evaluate(self, expression: str, *, await_promise: bool = False) -> Any:
+        result = self.send(
+            "Runtime.evaluate",
+            expression=expression,
+            returnByValue=True,
+            awaitPromise=await_promise,
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
