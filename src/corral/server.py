@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import sys
@@ -184,8 +185,20 @@ def build_server(settings: Settings, *, shared_port: bool = False) -> CorralServ
     return CorralServer(uvicorn_config(app, settings, gate=gate), app, admin, admin_sockets)
 
 
+def raise_open_files(wanted: int = 65536) -> None:
+    """Raise this process's soft limit on open files towards its hard limit (at most
+    ``wanted``), as nginx's ``worker_rlimit_nofile`` does: a shell's usual 1,024 would cap
+    client connections at a few hundred (see ``corral.listener``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def run_server(settings: Settings, workers: int = 1) -> None:
     configure_logging(settings.server.log_level, settings.server.log_format)
+    raise_open_files()
     if workers > 1:
         sys.exit(run_workers(settings, workers))
     build_server(settings).run()

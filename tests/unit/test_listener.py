@@ -245,3 +245,20 @@ def test_gate_episode_logged_once_and_ends_below_the_cap(monkeypatch: pytest.Mon
         "corral_edge_refusals_total", {"reason": "max_connections"}
     )
     assert sample == 6
+
+
+def test_corral_raises_its_open_files_limit_towards_the_hard_limit() -> None:
+    """A shell's soft limit of 1,024 would cap connections at a few hundred: corral serve
+    raises it (in a child process here, so the test runner keeps its own)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource;"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096));"
+        "from corral.server import raise_open_files;"
+        "raise_open_files();"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "4096"
