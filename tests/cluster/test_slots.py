@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from corral.cluster import Cluster, SlotLease
-from tests.cluster.conftest import LEASE_S, ClusterFactory, RedisServer, settings
+from tests.cluster.conftest import LEASE_S, ClusterFactory
 from tests.helpers import until
 
 pytestmark = pytest.mark.cluster
@@ -79,18 +79,89 @@ async def test_full_fleet_wide_refuses(cluster_factory: ClusterFactory) -> None:
     assert await b.acquire("gpu1", 2) is not None  # another backend, its own slots
 
 
-async def test_round_trips_per_request(redis_server: RedisServer) -> None:
-    """A request costs two Redis round trips: one to take its slot, one to give it back."""
-    a = Cluster(settings(redis_server.url))  # joined, but no background loop to count
-    try:
-        assert await a.connect()
-        before = a.link.calls
-        lease = await a.acquire("gpu0", 4)
+async def commands(cluster: Cluster) -> int:
+    """Commands Redis has run (``INFO commandstats``, scripts' inner commands included),
+    less the INFO asking."""
+    stats = await cluster.link.redis.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+async def test_steady_stream_costs_almost_no_redis_work(cluster_factory: ClusterFactory) -> None:
+    """A steady stream of requests on one replica reuses the units it holds: after the first
+    grants, a request costs no Redis command at all (heartbeats aside)."""
+    a = await cluster_factory()
+    pairs = 0
+
+    async def client() -> None:
+        nonlocal pairs
+        for _ in range(250):
+            lease = await a.acquire("gpu0", 8)
+            assert lease is not None
+            await asyncio.sleep(0)
+            await a.release(lease)
+            pairs += 1
+
+    await asyncio.gather(*(client() for _ in range(8)))  # warm: units granted
+    before, calls = await commands(a), a.link.calls
+    started = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(8)))
+    elapsed = time.monotonic() - started
+    used, round_trips = await commands(a) - before - 1, a.link.calls - calls - 1
+    assert pairs == 4000
+    heartbeats = 2 + elapsed / (LEASE_S / 3)  # each a script and a few commands inside it
+    assert round_trips <= heartbeats, round_trips
+    assert used <= 10 * heartbeats, used
+    assert used / 2000 < 0.05
+
+
+async def test_units_move_to_the_replica_that_needs_them(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """Units one replica holds idle go to another that asks for them at once (not after
+    the idle timer); under contention the wanting replica gets its share while the holder
+    keeps serving."""
+    a = await cluster_factory(idle_s=30.0)  # idle units would stay with a for 30 s
+    b = await cluster_factory(idle_s=30.0)
+    leases = [await a.acquire("gpu0", 4) for _ in range(4)]
+    for lease in leases:
         assert lease is not None
         await a.release(lease)
-        assert a.link.calls - before == 2
-    finally:
-        await a.close()
+    assert a.slots.held("gpu0") == 4  # idle, still a's
+    freed: asyncio.Queue[str] = asyncio.Queue()
+    b.on_freed(freed.put_nowait)
+    started = time.monotonic()
+    assert await b.acquire("gpu0", 4) is None  # denied: b announces it wants units
+    assert await asyncio.wait_for(freed.get(), 1.0) == "gpu0"
+    got = await b.acquire("gpu0", 4)
+    assert got is not None
+    assert time.monotonic() - started < 0.5
+    await until(lambda: a.slots.held("gpu0") == 0, 1.0)
+
+    # Contention: a's requests keep every unit busy; b keeps asking and gets a share.
+    await b.release(got)
+    stop = time.monotonic() + 1.5
+    served = {"a": 0, "b": 0}
+    holding = 0
+
+    async def client(cluster: Cluster, name: str) -> None:
+        nonlocal holding
+        while time.monotonic() < stop:
+            lease = await cluster.acquire("gpu0", 4, want=2, priority=1.0)
+            if lease is None:
+                await asyncio.sleep(0.005)
+                continue
+            holding += 1
+            assert holding <= 4
+            await asyncio.sleep(0.005)
+            holding -= 1
+            await cluster.release(lease)
+            served[name] += 1
+
+    a.publish_urgency(1.0)
+    b.publish_urgency(1.0)
+    await asyncio.gather(*(client(a, "a") for _ in range(6)), *(client(b, "b") for _ in range(6)))
+    assert served["a"] > 20
+    assert served["b"] > 20, served
 
 
 async def test_freed_slot_wakes_waiters_on_another_replica(
@@ -173,6 +244,7 @@ async def test_most_urgent_waiter_wins_the_freed_slot(cluster_factory: ClusterFa
         await asyncio.gather(*claims)  # the loser's claim found the slot taken
         claims.clear()
         await winner.release(won)
+        await until(lambda w=winner: w.slots.held("gpu0") == 0, 1.0)  # idle: back to Redis
         await asyncio.gather(*claims)  # woken again, but disarmed
         claims.clear()
     assert wins == ["urgent"] * 10

@@ -1,14 +1,17 @@
-"""Admission for a corral cluster: every local slot is also a fleet-wide lease in Redis.
+"""Admission for a corral cluster: every local slot is also a unit of fleet-wide capacity.
 
 Bound only when ``[cluster] redis_url`` is set (:class:`SharedAdmission` replaces
 :class:`~corral.balancer.admission.Admission`), so a single corral's request path does no
 extra work. The local queue, priorities and late binding stay as they are: a request first
-gets a local grant (at once or from the queue), then claims the fleet-wide lease for that
-backend (one round trip, on Redis' clock). When another replica took the last slot meanwhile,
-the local grant is undone and the request picks again (the fleet-wide count it just heard
-marks that backend full) or waits, keeping its place in the queue. A slot freed on another
-replica wakes this replica's queue, after a few milliseconds' grace when some replica has a
-more urgent waiter (corral.cluster.urgency).
+gets a local grant (at once or from the queue), then takes a unit of that backend's
+fleet-wide capacity: one this replica already holds (no I/O), else units from Redis for it and
+the queue behind it (one round trip). When none is free fleet-wide the local grant is undone,
+this replica announces that it wants units, and the request picks again (the fleet-wide count
+it just heard marks that backend full) or waits, keeping its place in the queue. While
+requests wait here on backends other replicas fill, the want is repeated every 100 ms, so the
+others hand units over (corral.cluster.slots). A unit freed on another replica wakes this
+replica's queue, after a few milliseconds' grace when some replica has a more urgent waiter
+(corral.cluster.urgency).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 from corral.balancer.admission import Admission, Lease, Waiter
 from corral.balancer.routing import Router, backend_cap, demand_key
 from corral.config import QueueSettings
+from corral.errors import RoutingError
 from corral.fleet.backends import BackendState, Clock
 from corral.metrics import Metrics
 
@@ -31,6 +35,11 @@ if TYPE_CHECKING:
 # (a stale count could otherwise make it pick the same full backend at once, again and again).
 _DENIALS_BEFORE_PAUSE = 3
 _PAUSE_S = 0.005
+# While requests wait here, this replica repeats its want for the backends they could use and
+# other replicas fill, this often (the others drop a want not repeated within 0.35 s).
+_WANT_EVERY_S = 0.1
+# The waiters looked at for that (the most deserving first).
+_WANT_WAITERS = 16
 
 
 class SharedLease(Lease):
@@ -91,6 +100,7 @@ class SharedAdmission(Admission):
         self.cluster = cluster
         self._later: set[asyncio.Task[None]] = set()
         self._wake_at: asyncio.TimerHandle | None = None
+        self._want_at: asyncio.TimerHandle | None = None
         self.denied = 0  # fleet-wide slots refused after a local grant (contention)
         cluster.on_count(self._counted)
         cluster.on_freed(self._freed)
@@ -123,7 +133,12 @@ class SharedAdmission(Admission):
                 num_ctx=num_ctx,
             )
             try:
-                lease = await self.cluster.acquire(backend.id, backend_cap(backend))
+                cap = backend_cap(backend)
+                now = self._clock()
+                priority = rank + (now - enqueued) / self.settings.aging_s
+                lease = await self.cluster.acquire(
+                    backend.id, cap, min(cap, 1 + self._count), priority
+                )
             except BaseException:
                 self._undo(backend, model_key, route)
                 raise
@@ -182,6 +197,36 @@ class SharedAdmission(Admission):
     def _add(self, waiter: Waiter) -> None:
         super()._add(waiter)
         self.cluster.publish_urgency(self._best())
+        if self._want_at is None:
+            self._want()
+
+    def _want(self) -> None:
+        """While requests wait: ask the other replicas for units of the backends they could
+        use that other replicas fill; again every ``_WANT_EVERY_S``."""
+        self._want_at = None
+        best = self._best()
+        if best is None:
+            return
+        now, aging = self._clock(), self.settings.aging_s
+        waiters = sorted(
+            (w for lst in self._classes for w in lst),
+            key=lambda w: -w.effective(now, aging),
+        )[:_WANT_WAITERS]
+        wanted: set[str] = set()
+        for waiter in waiters:
+            try:
+                backends = self.router.eligible(waiter.model_key, waiter.exclude)
+            except RoutingError:
+                continue
+            for b in backends:
+                if (
+                    b.id not in wanted
+                    and b.elsewhere > 0
+                    and b.in_flight + b.elsewhere >= (backend_cap(b))
+                ):
+                    wanted.add(b.id)
+                    self.cluster.want(b.id, waiter.effective(now, aging))
+        self._want_at = asyncio.get_running_loop().call_later(_WANT_EVERY_S, self._want)
 
     def _discard(self, waiter: Waiter) -> bool:
         found = super()._discard(waiter)
@@ -191,6 +236,9 @@ class SharedAdmission(Admission):
 
     async def close_shared(self) -> None:
         """Finish the background releases (at stop)."""
+        if self._want_at is not None:
+            self._want_at.cancel()
+            self._want_at = None
         if self._later:
             await asyncio.gather(*self._later, return_exceptions=True)
 

@@ -52,6 +52,7 @@ class Cluster:
         retry_s: float = 0.5,
         resync_s: float = 2.0,
         grace_s: float = 0.005,
+        idle_s: float = 0.05,
         replica: str | None = None,
     ) -> None:
         if settings.redis_url is None or not settings.redis_url.get_secret_value():
@@ -66,7 +67,7 @@ class Cluster:
         self.link = RedisLink(
             settings.redis_url.get_secret_value(), timeout_s=timeout_s, on_down=self._lost
         )
-        self.slots = FleetSlots(self.link, self.keys, self.replica, self.lease_s)
+        self.slots = FleetSlots(self.link, self.keys, self.replica, self.lease_s, idle_s=idle_s)
         self.control = ControlState(self.link, self.keys, self.replica)
         self.limits = SharedLimits(self.link, self.keys)
         self.leadership = Leadership(self.link, self.keys, self.replica, self.lease_s)
@@ -77,6 +78,7 @@ class Cluster:
             grace_s=grace_s,
             stale_s=max(self.lease_s, 2 * resync_s),
         )
+        self.slots.best = lambda: self.urgency.mine
         self._watch: set[str] = set()
         self._pubsub: PubSub | None = None
         self._repair = asyncio.Event()
@@ -102,9 +104,16 @@ class Cluster:
 
     # Slots (see corral.cluster.slots) ------------------------------------------------------
 
-    async def acquire(self, backend_id: str, limit: int) -> SlotLease | None:
-        """A fleet-wide slot on ``backend_id`` (None: ``limit`` are held fleet-wide)."""
-        return await self.slots.acquire(backend_id, limit)
+    async def acquire(
+        self, backend_id: str, limit: int, want: int = 1, priority: float | None = None
+    ) -> SlotLease | None:
+        """A fleet-wide slot on ``backend_id`` (None: ``limit`` are held fleet-wide): a unit
+        this replica holds (no I/O), else up to ``want`` units from Redis (one round trip)."""
+        return await self.slots.acquire(backend_id, limit, want, priority)
+
+    def want(self, backend_id: str, priority: float | None) -> None:
+        """Ask the other replicas for units of ``backend_id`` (rate-limited, no wait)."""
+        self.slots.want(backend_id, priority)
 
     async def release(self, lease: SlotLease) -> None:
         await self.slots.release(lease)
@@ -113,11 +122,11 @@ class Cluster:
         self.slots.release_nowait(lease)
 
     def in_flight(self, backend_id: str) -> int:
-        """Fleet-wide leases on ``backend_id`` as last seen (no I/O)."""
+        """Fleet-wide units held on ``backend_id`` as last seen (no I/O)."""
         return self.slots.in_flight(backend_id)
 
     def elsewhere(self, backend_id: str) -> int:
-        """Leases other replicas hold on ``backend_id`` as last seen (0 while Redis is away)."""
+        """Units other replicas hold on ``backend_id`` as last seen (0 while Redis is away)."""
         return self.slots.elsewhere(backend_id)
 
     def on_freed(self, callback: Callable[[str], None]) -> None:
@@ -184,7 +193,8 @@ class Cluster:
         try:
             await self.link.run(self.link.redis.ping(), bound)
             k = self.keys
-            await self.link.run(pubsub.subscribe(k.freed, k.taken, k.state, k.waiting), bound)
+            channels = (k.freed, k.taken, k.state, k.waiting, k.wanted)
+            await self.link.run(pubsub.subscribe(*channels), bound)
             await self.control.reload()
             await self.slots.tick(self._watch)
         except ClusterUnavailableError:
@@ -234,11 +244,13 @@ class Cluster:
                 self.control.heard(data)
                 if self.control.stale:
                     self._repair.set()
+            elif channel == k.wanted:
+                self.slots.heard_want(data)
             elif channel == k.waiting:
                 self.urgency.heard(data)
 
     async def _heartbeat(self) -> None:
-        """Every lease_s/3: extend this replica's leases, re-count, re-announce its waiter."""
+        """Every lease_s/3: extend this replica's units, re-count, re-announce its waiter."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             await self.slots.tick(self._watch)
@@ -260,7 +272,7 @@ class Cluster:
 
     async def close(self) -> None:
         """Leave: stop :meth:`run` if it still runs, give up leadership (another replica leads
-        at once), finish releases, close the connections."""
+        at once), give its units back, close the connections."""
         runner, self._runner = self._runner, None
         if runner is not None and not runner.done() and runner is not asyncio.current_task():
             runner.cancel()

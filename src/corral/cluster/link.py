@@ -57,10 +57,11 @@ class Keys:
 
     def __init__(self, name: str) -> None:
         self.prefix = f"{name}:"
-        self.freed = f"{name}:freed"  # channel: a slot was given back
-        self.taken = f"{name}:taken"  # channel: a slot was taken
+        self.freed = f"{name}:freed"  # channel: units were given back
+        self.taken = f"{name}:taken"  # channel: units were granted
         self.state = f"{name}:state"  # channel: control state changed
         self.waiting = f"{name}:waiting"  # channel: a replica's most urgent waiter
+        self.wanted = f"{name}:wanted"  # channel: a replica wants units of a backend
         self.state_version = f"{name}:state:version"
         self.state_kinds = f"{name}:state:kinds"
         self.state_prefix = f"{name}:state:kind:"

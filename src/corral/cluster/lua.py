@@ -17,43 +17,49 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
 """
 
-# KEYS[1] the backend's slot set (member: lease id, score: expiry in ms).
-# ARGV: lease id, limit, lease_ms, channel, replica, backend id.
-# Returns {granted 0|1, leases now held fleet-wide, stamp}; announces a grant on the channel.
-ACQUIRE = (
+# KEYS[1] the backend's slot set (member: unit id, score: expiry in ms).
+# ARGV: limit, lease_ms, channel, replica, backend id, then the ids of the units wanted.
+# Grants as many of them as the limit leaves free (dropping expired units first).
+# Returns {units granted, units now held fleet-wide, stamp}; announces a grant on the channel.
+GRANT = (
     _NOW
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local n = redis.call('ZCARD', KEYS[1])
-if n >= tonumber(ARGV[2]) then
+local k = math.min(#ARGV - 5, tonumber(ARGV[1]) - n)
+if k <= 0 then
   return {0, n, stamp}
 end
-local lease = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+local lease = tonumber(ARGV[2])
+for i = 1, k do
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[5 + i])
+end
 redis.call('PEXPIRE', KEYS[1], 2 * lease)
-n = n + 1
-redis.call('PUBLISH', ARGV[4], n .. ' ' .. stamp .. ' ' .. ARGV[5] .. ' ' .. ARGV[6])
-return {1, n, stamp}
+n = n + k
+redis.call('PUBLISH', ARGV[3], n .. ' ' .. stamp .. ' ' .. ARGV[4] .. ' ' .. ARGV[5])
+return {k, n, stamp}
 """
 )
 
-# KEYS[1] the backend's slot set. ARGV: lease id, channel, replica, backend id.
-# Returns {leases now held fleet-wide, stamp}; announces the freed slot on the channel.
-RELEASE = (
+# KEYS[1] the backend's slot set. ARGV: channel, replica, backend id, then the units given
+# back. Returns {units now held fleet-wide, stamp}; announces the freed units on the channel.
+RETURN = (
     _NOW
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZREM', KEYS[1], ARGV[1])
+for i = 4, #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+end
 local n = redis.call('ZCARD', KEYS[1])
-redis.call('PUBLISH', ARGV[2], n .. ' ' .. stamp .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
+redis.call('PUBLISH', ARGV[1], n .. ' ' .. stamp .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
 return {n, stamp}
 """
 )
 
 # The heartbeat (and the resynchronisation after an outage): for each slot set in KEYS, extend
-# (or re-add) this replica's live leases, remove the ones it released while Redis was away,
-# drop expired ones, and count. ARGV: lease_ms, then per key: n, n lease ids to hold, m,
-# m lease ids to forget. Returns {stamp, count per key...}.
+# (or re-add) this replica's units, remove the ones it gave back while Redis was away,
+# drop expired ones, and count. ARGV: lease_ms, then per key: n, n unit ids to hold, m,
+# m unit ids to forget. Returns {stamp, count per key...}.
 TICK = (
     _NOW
     + """
