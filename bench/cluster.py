@@ -9,7 +9,12 @@ run and over ``--rounds`` rounds (medians printed):
   the client (no background loop runs in this phase);
 - saturated, 1 then 2 replica processes: ``--concurrency`` coroutines each doing acquire +
   release: pairs/s (summed), p50 of a pair, and scripts Redis ran per pair (its own
-  ``INFO commandstats``, background heartbeats included).
+  ``INFO commandstats``, background heartbeats included). A replica reuses the units it
+  holds, so these are nearly free of Redis once the units are granted;
+- contended: 2 replica processes on one backend of 8 slots, each request holding its slot
+  1 ms (a denied one waits for a unit to free, as a queued request does): pairs/s (at most
+  8,000), the smaller replica's share (0.5 is fair) and the scripts and commands Redis ran
+  per pair, as units move between the replicas.
 
 Each replica is its own process (``--worker``), running the cluster's background loop
 (heartbeat, pub/sub listener, leader lock), on uvloop when installed, as corral would.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -98,19 +104,35 @@ async def worker(spec: dict[str, Any]) -> dict[str, Any]:
             "pair_p50_ms": p50_ms(pair),
             "round_trips": calls / pairs,
         }
-    else:  # saturated
+    else:  # saturated (a backend each, no limit) or contended (one backend, a small limit)
         runner = asyncio.create_task(cluster.run())
         pair = []
         stop = time.perf_counter() + duration_s
-        backend = f"gpu{spec['index']}"
+        contended = phase == "contended"
+        backend = "shared" if contended else f"gpu{spec['index']}"
+        limit = spec["limit"] if contended else 1_000_000
+        changed = asyncio.Event()  # a unit freed here or elsewhere: a denied client retries
+        cluster.on_freed(lambda _backend: changed.set())
 
         async def client() -> None:
             while time.perf_counter() < stop:
                 started = time.perf_counter()
-                lease = await cluster.acquire(backend, 1_000_000)
-                assert lease is not None
+                lease = await cluster.acquire(backend, limit, want=2, priority=1.0)
+                while lease is None:  # as a queued request: wait for a unit to free
+                    changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), 0.005)
+                    if time.perf_counter() >= stop:
+                        return
+                    lease = await cluster.acquire(backend, limit, want=2, priority=1.0)
+                if contended:
+                    await asyncio.sleep(0.001)  # the backend serves for a millisecond
                 await cluster.release(lease)
+                changed.set()
                 pair.append(time.perf_counter() - started)
+
+        if contended:
+            cluster.publish_urgency(1.0)
 
         # Start together with the other replicas: at a wall-clock instant.
         await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
@@ -196,7 +218,25 @@ def one_round(url: str, port: int | None, args: argparse.Namespace) -> dict[str,
         if port:
             scripts = sum(after.get(c, 0) - before.get(c, 0) for c in ("evalsha", "eval"))
             row[f"x{replicas}_scripts_per_pair"] = scripts / pairs
+    # Contended: 2 replicas, one backend of CONTENDED_LIMIT slots, each request holding its
+    # slot 1 ms: units must move between the replicas.
+    before = redis_commands(port) if port else {}
+    start_at = time.time() + 1.5
+    spec = {**base, "phase": "contended", "limit": CONTENDED_LIMIT, "start_at": start_at}
+    results = [collect(p) for p in [spawn({**spec, "index": i}) for i in range(2)]]
+    after = redis_commands(port) if port else {}
+    pairs = sum(r["pairs"] for r in results)
+    row["c2_pairs_per_s"] = pairs / args.duration
+    row["c2_share"] = min(r["pairs"] for r in results) / max(1, pairs)
+    if port:
+        used = sum(after.get(c, 0) - before.get(c, 0) for c in after if c != "info")
+        scripts = sum(after.get(c, 0) - before.get(c, 0) for c in ("evalsha", "eval"))
+        row["c2_scripts_per_pair"] = scripts / max(1, pairs)
+        row["c2_commands_per_pair"] = used / max(1, pairs)
     return row
+
+
+CONTENDED_LIMIT = 8
 
 
 ROWS = [
@@ -210,6 +250,10 @@ ROWS = [
     ("x2_pairs_per_s", "2 replicas: pairs/s, summed"),
     ("x2_pair_p50_ms", "2 replicas: pair p50 ms under load"),
     ("x2_scripts_per_pair", "2 replicas: scripts run per pair (server-counted)"),
+    ("c2_pairs_per_s", f"contended (2 replicas, limit {CONTENDED_LIMIT}, 1 ms each): pairs/s"),
+    ("c2_share", "contended: the smaller replica's share of the pairs"),
+    ("c2_scripts_per_pair", "contended: scripts run per pair (server-counted)"),
+    ("c2_commands_per_pair", "contended: Redis commands per pair (server-counted)"),
 ]
 
 

@@ -244,7 +244,36 @@ async def test_most_urgent_waiter_wins_the_freed_slot(cluster_factory: ClusterFa
         await asyncio.gather(*claims)  # the loser's claim found the slot taken
         claims.clear()
         await winner.release(won)
-        await until(lambda w=winner: w.slots.held("gpu0") == 0, 1.0)  # idle: back to Redis
+        # Idle: back to Redis, and the holder hears of it.
+        await until(lambda: holder.in_flight("gpu0") == 0, 1.0)
         await asyncio.gather(*claims)  # woken again, but disarmed
         claims.clear()
     assert wins == ["urgent"] * 10
+
+
+async def test_busy_units_go_to_the_more_urgent_replica(cluster_factory: ClusterFactory) -> None:
+    """A replica whose requests hold every unit hands the next one that frees to a replica
+    whose waiter is more urgent than its own; it keeps them from a less urgent one."""
+    a = await cluster_factory(idle_s=30.0)
+    b = await cluster_factory(idle_s=30.0)
+    leases = [await a.acquire("gpu0", 2) for _ in range(2)]
+    assert all(leases)
+    a.publish_urgency(0.0)  # a's own queue: a low request waits
+    b.publish_urgency(3.0)  # b's: an urgent one
+    assert await b.acquire("gpu0", 2) is None  # denied: b wants units, as urgent
+    await until(lambda: a.slots.elsewhere("gpu0") == 0 and bool(a.slots._live_wants("gpu0")), 1)
+    lease = leases.pop()
+    assert lease is not None
+    await a.release(lease)  # goes to Redis, not to a's low waiter
+    assert a.slots.held("gpu0") == 1
+    await until(lambda: b.in_flight("gpu0") == 1, 1.0)
+    got = await b.acquire("gpu0", 2)
+    assert got is not None
+
+    # b's own waiter is the urgent one now: it keeps its unit from a's low one.
+    a.publish_urgency(0.0)
+    b.publish_urgency(3.0)
+    assert await a.acquire("gpu0", 2, priority=0.0) is None
+    await until(lambda: bool(b.slots._live_wants("gpu0")), 1.0)
+    await b.release(got)
+    assert b.slots.held("gpu0") == 1

@@ -10,8 +10,9 @@ and what is free fleet-wide (``{name}:taken`` announces the new count). Units id
 replicas' waiters). A replica denied units announces it on ``{name}:wanted`` (rate-limited,
 with its most urgent waiter's priority); a replica that hears it hands back its idle units at
 once and, while the want lasts, also the units its requests finish with when the wanting
-replica's waiter is more urgent than its own or when it holds more than its fair share
-(``limit / replicas wanting``), so units flow to where the requests are.
+replica's waiter is of a more urgent class than its own, or of the same class and it holds
+more than its fair share (``limit / replicas wanting``), so units flow to where the requests
+are, the most urgent first.
 
 The heartbeat (every ``lease_s/3``) extends every unit this replica holds, busy or free,
 re-adds them after an outage, and re-counts: the units of a replica that died free within
@@ -94,6 +95,7 @@ class FleetSlots:
         self._pools: dict[str, _Pool] = {}
         self._forgotten: dict[str, set[str]] = {}
         self._seen: dict[str, tuple[int, int]] = {}  # backend -> (count, stamp)
+        self._heard_at: dict[str, float] = {}  # backend -> when its count was last heard
         self._wants: dict[str, dict[str, tuple[float | None, float]]] = {}
         self._wanted: dict[str, tuple[float, float | None]] = {}  # backend -> (sent at, prio)
         self._freed: list[Callable[[str], None]] = []
@@ -182,6 +184,15 @@ class FleetSlots:
             self._give_back(backend_id, pool, list(pool.free))
         if pool.free and len(pool.busy) < limit:
             return self._use(backend_id, pool)
+        if (
+            seen is not None
+            and seen[0] >= limit
+            and self._clock() - self._heard_at.get(backend_id, -math.inf) < self._want_every_s
+        ):
+            # Full fleet-wide, as heard just now: no round trip to be told so again. A unit
+            # given back anywhere is announced (and wakes this replica's queue).
+            self.want(backend_id, priority if priority is not None else self.best())
+            return None
         ask = max(1, min(want, limit))
         ids = [f"{self._replica}:{next(self._seq)}" for _ in range(ask)]
         self.grants += 1
@@ -303,18 +314,21 @@ class FleetSlots:
 
     def _yields(self, backend_id: str, pool: _Pool) -> bool:
         """Should a unit this replica's request just finished with go back to Redis now?
-        Yes while another replica wants units on the backend and either nobody waits here,
-        its waiter is more urgent than this replica's, or this replica holds more than its
-        fair share."""
+        Only while another replica wants units on the backend: yes when nobody waits here or
+        the wanting replica's waiter is of a more urgent class (the whole part of the
+        effective priority, as the urgency board compares); no when this replica's is; in
+        the same class, when this replica holds more than its fair share."""
         wants = self._live_wants(backend_id)
         if not wants:
             return False
         mine = self.best()
         if mine is None:
             return True
-        theirs = max((p for p, _ in wants.values() if p is not None), default=None)
-        if theirs is not None and theirs > mine:
-            return True
+        known = [p for p, _ in wants.values() if p is not None]
+        if known:
+            theirs, ours = math.floor(max(known)), math.floor(mine)
+            if theirs != ours:
+                return theirs > ours
         share = math.ceil(pool.limit / (1 + len(wants)))
         return len(pool.units) > share
 
@@ -396,6 +410,7 @@ class FleetSlots:
         if seen is not None and seen[1] > stamp:
             return False
         self._seen[backend_id] = (count, stamp)
+        self._heard_at[backend_id] = self._clock()
         if self._counted:
             self._tell(backend_id)
         if wake and seen is not None and count < seen[0]:
