@@ -266,6 +266,7 @@ async def test_busy_units_go_to_the_more_urgent_replica(cluster_factory: Cluster
     assert lease is not None
     await a.release(lease)  # goes to Redis, not to a's low waiter
     assert a.slots.held("gpu0") == 1
+    assert await a.acquire("gpu0", 2, priority=0.0) is None  # nor back to a from Redis
     await until(lambda: b.in_flight("gpu0") == 1, 1.0)
     got = await b.acquire("gpu0", 2)
     assert got is not None

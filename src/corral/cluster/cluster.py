@@ -79,6 +79,7 @@ class Cluster:
             stale_s=max(self.lease_s, 2 * resync_s),
         )
         self.slots.best = lambda: self.urgency.mine
+        self.slots.settled = self.urgency.settled
         self._watch: set[str] = set()
         self._pubsub: PubSub | None = None
         self._repair = asyncio.Event()

@@ -105,6 +105,9 @@ class FleetSlots:
         self._sweep_due = math.inf
         # This replica's most urgent waiter (effective priority; None: nobody waits).
         self.best: Callable[[], float | None] = lambda: None
+        # When a replica last said nobody waits there (the urgency board): its wants heard
+        # before that are over.
+        self.settled: Callable[[str], float] = lambda replica: -math.inf
         self.grants = 0  # grant scripts run (round trips asking for units)
         self.returns = 0  # give-back scripts run
         redis = link.redis
@@ -184,13 +187,15 @@ class FleetSlots:
             self._give_back(backend_id, pool, list(pool.free))
         if pool.free and len(pool.busy) < limit:
             return self._use(backend_id, pool)
-        if (
+        full = (
             seen is not None
             and seen[0] >= limit
             and self._clock() - self._heard_at.get(backend_id, -math.inf) < self._want_every_s
-        ):
-            # Full fleet-wide, as heard just now: no round trip to be told so again. A unit
-            # given back anywhere is announced (and wakes this replica's queue).
+        )
+        if full or self._defers(backend_id, pool, priority):
+            # Full fleet-wide, as heard just now: no round trip to be told so again (a unit
+            # given back anywhere is announced, and wakes this replica's queue); or another
+            # replica wants units more (a unit this replica just gave it must not come back).
             self.want(backend_id, priority if priority is not None else self.best())
             return None
         ask = max(1, min(want, limit))
@@ -308,29 +313,42 @@ class FleetSlots:
             return {}
         now = self._clock()
         for replica, (_, at) in list(wants.items()):
-            if now - at > self._want_ttl_s:
+            if now - at > self._want_ttl_s or at < self.settled(replica):
                 del wants[replica]
         return wants
 
     def _yields(self, backend_id: str, pool: _Pool) -> bool:
         """Should a unit this replica's request just finished with go back to Redis now?
-        Only while another replica wants units on the backend: yes when nobody waits here or
-        the wanting replica's waiter is of a more urgent class (the whole part of the
-        effective priority, as the urgency board compares); no when this replica's is; in
-        the same class, when this replica holds more than its fair share."""
+        Only while another replica wants units on the backend: yes when nobody waits here,
+        else as :meth:`_outranked`."""
         wants = self._live_wants(backend_id)
         if not wants:
             return False
         mine = self.best()
-        if mine is None:
-            return True
+        return mine is None or self._outranked(wants, pool, mine, len(pool.units) - 1)
+
+    def _defers(self, backend_id: str, pool: _Pool, priority: float | None) -> bool:
+        """Should this replica leave the units free in Redis to a replica that wants them
+        (rather than take one for a request of ``priority``)?"""
+        wants = self._live_wants(backend_id)
+        mine = priority if priority is not None else self.best()
+        return (
+            bool(wants) and mine is not None and self._outranked(wants, pool, mine, len(pool.units))
+        )
+
+    @staticmethod
+    def _outranked(
+        wants: dict[str, tuple[float | None, float]], pool: _Pool, mine: float, keep: int
+    ) -> bool:
+        """A wanting replica's waiter is of a more urgent class (the whole part of the
+        effective priority, as the urgency board compares) than ``mine``; or of the same
+        class while this replica would keep (``keep`` units) its fair share or more."""
         known = [p for p, _ in wants.values() if p is not None]
         if known:
             theirs, ours = math.floor(max(known)), math.floor(mine)
             if theirs != ours:
                 return theirs > ours
-        share = math.ceil(pool.limit / (1 + len(wants)))
-        return len(pool.units) > share
+        return keep >= math.ceil(pool.limit / (1 + len(wants)))
 
     def _schedule_sweep(self, delay: float) -> None:
         due = self._clock() + delay

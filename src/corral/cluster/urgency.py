@@ -48,6 +48,7 @@ class UrgencyBoard:
         self.mine: float | None = None  # this replica's best waiter (None: nobody waits)
         self._announced: float | None = None
         self._others: dict[str, tuple[float, float]] = {}  # replica -> (priority, heard at)
+        self._settled: dict[str, float] = {}  # replica -> when it said nobody waits there
         self._sending: asyncio.Task[None] | None = None
 
     def publish(self, best: float | None) -> None:
@@ -85,10 +86,15 @@ class UrgencyBoard:
                 return
             if text == "-":
                 self._others.pop(replica, None)
+                self._settled[replica] = self._clock()
             else:
                 self._others[replica] = (float(text), self._clock())
         except ValueError:
             log.warning("cluster: malformed waiting announcement ignored")
+
+    def settled(self, replica: str) -> float:
+        """When ``replica`` last said nobody waits there (-inf: never heard)."""
+        return self._settled.get(replica, -math.inf)
 
     def best_elsewhere(self) -> float | None:
         """The most urgent waiter on another replica, as last heard (None: none known)."""
@@ -112,6 +118,7 @@ class UrgencyBoard:
     def forget(self) -> None:
         """Redis was away: what others said is stale; announce this replica's best again."""
         self._others.clear()
+        self._settled.clear()
         self._announced = None
 
 
