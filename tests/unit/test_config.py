@@ -147,3 +147,14 @@ def test_trusted_proxies_must_be_addresses() -> None:
     with pytest.raises(ConfigError) as refused:
         load_config(None, overrides={"server": {"trusted_proxies": ["10.0.0.0/8", "nginx"]}})
     assert refused.value.problems == ["server.trusted_proxies: 'nginx' is not an address or CIDR"]
+
+
+def test_the_redis_url_may_come_from_the_environment_and_is_never_shown() -> None:
+    """CORRAL_CLUSTER__REDIS_URL (from a Kubernetes Secret, say) sets [cluster] redis_url;
+    its password never appears when the settings are printed."""
+    url = "redis://:s3cret-pass@127.0.0.1:6379/0"
+    settings = load_config(None, env={"CORRAL_CLUSTER__REDIS_URL": url})
+    assert settings.cluster.redis_url is not None
+    assert settings.cluster.redis_url.get_secret_value() == url
+    assert "s3cret-pass" not in repr(settings)
+    assert "s3cret-pass" not in str(settings.model_dump())
