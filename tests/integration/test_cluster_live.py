@@ -265,4 +265,142 @@ def test_workers_refused_without_redis(tmp_path: Path) -> None:
     assert "redis_url" in done.stderr.decode()
 
 
+def test_client_key_rate_is_one_bucket_for_the_fleet(
+    tmp_path: Path, redis: RedisServer, sim_factory: Any, corral_factory: Any
+) -> None:
+    """A key with rate=2 used on A and B in turn: the fleet lets through what one bucket of 2
+    (plus its refill) allows, fewer than two replicas' own buckets would; a 429 says when."""
+    keys = tmp_path / "keys"
+    keys.write_text("slow-key-0123456789 name=slow rate=2\n")
+    sim = sim_factory(name="a", tokens=2)
+    auth = {"client_keys_file": str(keys)}
+    a = corral_factory([backend(sim, 4)], cluster=cluster(redis), auth=auth)
+    b = corral_factory([backend(sim, 4)], cluster=cluster(redis), auth=auth)
+    assert poll(lambda: healthy(a.url) and healthy(b.url), 10)
+    headers = {"Authorization": "Bearer slow-key-0123456789"}
+    answers: list[httpx.Response] = []
+    with a.client(headers=headers) as ca, b.client(headers=headers) as cb:
+        started = time.monotonic()
+        for i in range(8):
+            answers.append((ca, cb)[i % 2].post("/api/generate", json=GEN))
+        elapsed = time.monotonic() - started
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) <= {200, 429}, statuses
+    # One bucket: a burst of 2, refilled at 2 a second (+1 for a token half-refilled).
+    allowed = statuses.count(200)
+    assert 2 <= allowed <= 2 + int(2 * elapsed) + 1, (statuses, elapsed)
+    # Two buckets of their own would have let 4 through, plus each one's refill.
+    assert allowed < 4 + int(2 * elapsed), (statuses, elapsed)
+    refused = [r for r in answers if r.status_code == 429]
+    assert {i % 2 for i, r in enumerate(answers) if r.status_code == 429} == {0, 1}
+    for r in refused:
+        assert int(r.headers["retry-after"]) >= 1
+        assert "slow" in r.text
+
+
+def test_a_missed_delete_is_owed_fleet_wide_and_replayed_once(
+    redis: RedisServer, sim_factory: Any, corral_factory: Any
+) -> None:
+    """A fleet delete on A while gpu1 is down: B's models view shows what gpu1 owes within a
+    second; when gpu1 returns the leader alone replays it, and both views forget it."""
+    from corral.sim.harness import SimProcess
+
+    model = "qwen2.5:7b"
+    sim = sim_factory(name="a")
+    down = SimProcess(name="b").start()
+    try:
+        fleet = [backend(sim), {"id": "gpu1", "url": down.url, "max_concurrent": 2}]
+        a = corral_factory(fleet, cluster=cluster(redis))
+        b = corral_factory(fleet, cluster=cluster(redis))
+        assert poll(lambda: a.runtime.cluster.is_leader or b.runtime.cluster.is_leader, 5)
+        gpu1 = [r.runtime.registry.get("gpu1") for r in (a, b)]
+        assert poll(lambda: all(g.healthy for g in gpu1), 5)
+        down.kill()
+        assert poll(lambda: not any(g.healthy for g in gpu1), 5)
+
+        def owed(client: httpx.Client) -> list[dict[str, Any]]:
+            replays: list[dict[str, Any]] = client.get(f"{LB}/models").json()["replays"]
+            return replays
+
+        with a.client() as ca, b.client() as cb:
+            gone = ca.request("DELETE", "/api/delete", json={"model": model})
+            assert (gone.status_code, gone.json()) == (200, {"skipped": ["gpu1"]})
+            assert poll(lambda: len(owed(cb)) == 1, 1)
+            [entry] = owed(cb)
+            assert (entry["backend"], entry["action"], entry["model"]) == ("gpu1", "delete", model)
+            assert entry["reason"] == "down"
+
+            back = SimProcess(name="b", port=down.port).start()  # with the model on disk
+            down = back
+            assert poll(lambda: not owed(ca) and not owed(cb), 10)
+        assert back.stats()["by_route"].get("/api/delete") == 1
+        done = 'corral_model_replays_total{action="delete",backend="gpu1",outcome="done"}'
+        counts = [metric(r.url, re.escape(done)) for r in (a, b)]
+        leader = 0 if a.runtime.cluster.is_leader else 1
+        assert counts[leader] == 1.0
+        assert counts[1 - leader] is None
+        assert not (b, a)[leader].runtime._leading  # the follower runs no replays
+    finally:
+        down.stop()
+
+
+def test_the_leader_forgets_an_expired_registration(
+    redis: RedisServer, sim_factory: Any, corral_factory: Any
+) -> None:
+    """A backend registered on A with ttl_s and no heartbeat leaves B's list after the ttl,
+    and the fleet's shared state forgets it (a replica joining later does not bring it back)."""
+    sim, other = sim_factory(name="a"), sim_factory(name="b")
+    a = corral_factory([backend(sim)], cluster=cluster(redis))
+    b = corral_factory([backend(sim)], cluster=cluster(redis))
+    ttl_s = 1.0
+    with a.client() as ca, b.client() as cb:
+
+        def listed(client: httpx.Client) -> set[str]:
+            backends = client.get(f"{LB}/backends").json()["backends"]
+            return {e["instance_id"] for e in backends}
+
+        new = {"id": "gpu1", "url": other.url, "max_concurrent": 2, "ttl_s": ttl_s}
+        assert ca.post(f"{LB}/backends", json=new).status_code == 201
+        registered = time.monotonic()
+        assert poll(lambda: "gpu1" in listed(cb), 1)
+        assert poll(lambda: "gpu1" not in listed(cb), ttl_s + 2, 0.05)
+        assert time.monotonic() - registered >= ttl_s * 0.9
+        assert poll(lambda: "gpu1" not in listed(ca), 1)
+    for replica in (a, b):
+        assert poll(lambda r=replica: "gpu1" not in r.runtime.cluster.state("backends"), 1)
+        assert poll(lambda r=replica: "gpu1" not in r.runtime.cluster.state("heartbeats"), 1)
+    late = corral_factory([backend(sim)], cluster=cluster(redis))
+    assert "gpu1" not in late.runtime.registry
+
+
+def test_a_cancelled_stream_gives_its_fleet_wide_slot_back(
+    redis: RedisServer, sim_factory: Any, corral_factory: Any
+) -> None:
+    """A client that goes away mid-stream frees its slot fleet-wide: both replicas' loads show
+    0 in flight, and max_concurrent requests are served at once afterwards."""
+    sim = sim_factory(name="a", token_interval_s=0.05, tokens=200, num_parallel=8)
+    a = corral_factory([backend(sim)], cluster=cluster(redis))
+    b = corral_factory([backend(sim)], cluster=cluster(redis))
+    assert poll(lambda: healthy(a.url) and healthy(b.url), 10)
+
+    def active(replica: Any) -> int:
+        with replica.client() as client:
+            return int(client.get(f"{LB}/loads").json()["loads"]["gpu0"]["active_connections"])
+
+    with a.client() as ca, ca.stream("POST", "/api/generate", json={**GEN, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(lines), next(lines)  # two tokens: the slot is held
+        assert active(a) == 1
+        assert poll(lambda: active(b) == 1, 1)
+    # The client is gone (the stream and its connection closed mid-generation).
+    assert poll(lambda: active(a) == 0 and active(b) == 0, 3)
+    assert poll(lambda: sim.stats()["in_flight"] == 0, 3)
+    sim.config.token_interval_s, sim.config.tokens = 0.1, 4
+    before = sim.stats()["peak_in_flight"]
+    assert before <= 2
+    assert spray([a.url, b.url], 4, workers=4) == [200] * 4
+    assert sim.stats()["peak_in_flight"] == 2
+
+
 assert PASSWORD  # the fixtures' password protects every Redis these tests start
