@@ -3,6 +3,7 @@ live in tests/helpers.py)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,3 +64,19 @@ def sim_process_factory() -> Iterator[Any]:
     yield start
     for sim in reversed(started):
         sim.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A real redis-server on a free loopback port (tests/cluster/conftest.py's RedisServer);
+    skipped without one, except under CI, which installs it (scripts/test-deps.sh)."""
+    from tests.cluster.conftest import REDIS_SERVER, RedisServer
+
+    if REDIS_SERVER is None:
+        reason = "redis-server is not installed (scripts/test-deps.sh installs Debian's)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = RedisServer(REDIS_SERVER).start()
+    yield server
+    server.stop()

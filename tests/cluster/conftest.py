@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,18 +99,6 @@ class RedisServer:
     def thaw(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        reason = "redis-server is not installed (scripts/test-deps.sh installs Debian's)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    server = RedisServer(REDIS_SERVER).start()
-    yield server
-    server.stop()
 
 
 def settings(url: str, *, name: str = "fleet", lease_s: float = LEASE_S) -> ClusterSettings:

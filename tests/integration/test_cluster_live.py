@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster.conftest import PASSWORD, REDIS_SERVER, RedisServer
+from tests.cluster.conftest import PASSWORD, RedisServer
 from tests.helpers import free_port, poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -28,15 +27,9 @@ GEN = {"model": "llama3.2", "prompt": "hi", "stream": False}
 
 
 @pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        reason = "redis-server is not installed (scripts/test-deps.sh installs Debian's)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    server = RedisServer(REDIS_SERVER).start()
-    yield server
-    server.stop()
+def redis(redis_server: RedisServer) -> RedisServer:
+    """A real redis-server on a free loopback port (tests/conftest.py)."""
+    return redis_server
 
 
 def cluster(redis: RedisServer, name: str = "t") -> dict[str, Any]:

@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import ollama
 import openai
 import pytest
 
-from corral.sim.harness import SimThread
 from corral.sim.text import text_of
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimThread]:
-    with SimThread(tokens=5) as server:
-        yield server
-
-
-@pytest.fixture
-def oc(sim: SimThread) -> Iterator[ollama.Client]:
-    with ollama.Client(host=sim.url) as client:
-        yield client
-
-
-@pytest.fixture
-def ai(sim: SimThread) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=sim.url + "/v1", api_key="unused", max_retries=0) as client:
-        yield client
 
 
 def test_ollama_generate_and_chat(oc: ollama.Client) -> None:

@@ -6,7 +6,6 @@ carries the tool's result gets text, so an agent loop ends."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -33,30 +32,6 @@ ARGS = {"city": "example", "days": 1, "unit": "celsius", "alerts": True}
 FUNCTION = {"name": "get_weather", "description": "The weather in a city", "parameters": SCHEMA}
 CHAT_TOOLS: list[Any] = [{"type": "function", "function": FUNCTION}]
 QUESTION = "What is the weather in Paris?"
-
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimThread]:
-    with SimThread(tokens=5) as server:
-        yield server
-
-
-@pytest.fixture
-def oc(sim: SimThread) -> Iterator[ollama.Client]:
-    with ollama.Client(host=sim.url) as client:
-        yield client
-
-
-@pytest.fixture
-def ai(sim: SimThread) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=sim.url + "/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture
-def claude(sim: SimThread) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(base_url=sim.url, api_key="unused", max_retries=0) as client:
-        yield client
 
 
 def test_ollama_chat_tool_call(oc: ollama.Client) -> None:
@@ -176,18 +151,20 @@ def test_openai_responses_function_call(ai: openai.OpenAI) -> None:
     assert [o.type for o in final.output] == ["message"]
 
 
-def test_anthropic_messages_tool_use(claude: anthropic.Anthropic) -> None:
+def test_anthropic_messages_tool_use(anthropic_client: anthropic.Anthropic) -> None:
     """/v1/messages: a ``tool_use`` block and ``stop_reason: tool_use``; streamed, the block's
     input arrives as ``input_json_delta`` the client assembles; a ``tool_result`` gets text."""
     tools: list[Any] = [{"name": "get_weather", "description": "Weather", "input_schema": SCHEMA}]
     msgs: list[Any] = [{"role": "user", "content": QUESTION}]
-    message = claude.messages.create(model="llama3.2", max_tokens=64, messages=msgs, tools=tools)
+    message = anthropic_client.messages.create(
+        model="llama3.2", max_tokens=64, messages=msgs, tools=tools
+    )
     assert message.stop_reason == "tool_use"
     [block] = message.content
     assert block.type == "tool_use"
     assert (block.name, block.input) == ("get_weather", ARGS)
 
-    with claude.messages.stream(
+    with anthropic_client.messages.stream(
         model="llama3.2", max_tokens=64, messages=msgs, tools=tools
     ) as stream:
         kinds = [e.type for e in stream]
@@ -206,14 +183,16 @@ def test_anthropic_messages_tool_use(claude: anthropic.Anthropic) -> None:
             "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "Sunny"}],
         },
     ]
-    reply = claude.messages.create(model="llama3.2", max_tokens=64, messages=answered, tools=tools)
+    reply = anthropic_client.messages.create(
+        model="llama3.2", max_tokens=64, messages=answered, tools=tools
+    )
     assert reply.stop_reason == "end_turn"
     assert [b.type for b in reply.content] == ["text"]
     assert "".join(b.text for b in reply.content if b.type == "text") == text_of(5)
 
 
 def test_tools_refused_without_the_capability(
-    sim: SimThread, ai: openai.OpenAI, claude: anthropic.Anthropic
+    sim: SimThread, ai: openai.OpenAI, anthropic_client: anthropic.Anthropic
 ) -> None:
     """A model without the tools capability refuses tools on every route, each in its own
     error shape, naming the model fully qualified as Ollama's chat does."""
@@ -235,7 +214,9 @@ def test_tools_refused_without_the_capability(
     assert err.value.message.endswith(refusal)
     tools: list[Any] = [{"name": "get_weather", "input_schema": SCHEMA}]
     with pytest.raises(anthropic.BadRequestError) as bad:
-        claude.messages.create(model="qwen2.5:7b", max_tokens=8, messages=msgs, tools=tools)
+        anthropic_client.messages.create(
+            model="qwen2.5:7b", max_tokens=8, messages=msgs, tools=tools
+        )
     assert bad.value.body is not None
     assert bad.value.body["error"] == {"type": "invalid_request_error", "message": refusal}
     assert bad.value.body["request_id"].startswith("req_")
