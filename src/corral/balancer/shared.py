@@ -77,7 +77,8 @@ class SharedLease(Lease):
         try:
             # Fleet-wide first: the local release wakes this replica's queue, whose claim
             # must find the slot free in Redis.
-            await admission.cluster.release(self._slot)
+            if not admission.cluster.keep(self._slot):
+                await admission.cluster.release(self._slot)
         finally:
             admission.release(self.backend, key, self.served_s)
 
@@ -134,11 +135,12 @@ class SharedAdmission(Admission):
             )
             try:
                 cap = backend_cap(backend)
-                now = self._clock()
-                priority = rank + (now - enqueued) / self.settings.aging_s
-                lease = await self.cluster.acquire(
-                    backend.id, cap, min(cap, 1 + self._count), priority
-                )
+                lease = self.cluster.reuse(backend.id, cap)
+                if lease is None:
+                    priority = rank + (self._clock() - enqueued) / self.settings.aging_s
+                    lease = await self.cluster.acquire(
+                        backend.id, cap, min(cap, 1 + self._count), priority
+                    )
             except BaseException:
                 self._undo(backend, model_key, route)
                 raise

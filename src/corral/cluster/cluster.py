@@ -112,6 +112,15 @@ class Cluster:
         this replica holds (no I/O), else up to ``want`` units from Redis (one round trip)."""
         return await self.slots.acquire(backend_id, limit, want, priority)
 
+    def reuse(self, backend_id: str, limit: int) -> SlotLease | None:
+        """A unit this replica holds free, with no await (None: call :meth:`acquire`)."""
+        return self.slots.reuse(backend_id, limit)
+
+    def keep(self, lease: SlotLease) -> bool:
+        """Done with ``lease``, its unit kept here, with no await (False: call
+        :meth:`release`, the unit goes back to Redis)."""
+        return self.slots.keep(lease)
+
     def want(self, backend_id: str, priority: float | None) -> None:
         """Ask the other replicas for units of ``backend_id`` (rate-limited, no wait)."""
         self.slots.want(backend_id, priority)

@@ -164,6 +164,17 @@ class FleetSlots:
         for backend_id in list(self._seen):
             self._tell(backend_id)
 
+    def reuse(self, backend_id: str, limit: int) -> SlotLease | None:
+        """The common case of :meth:`acquire`, with no await: a free unit this replica holds
+        (None: ask :meth:`acquire`, which also covers every other case)."""
+        pool = self._pools.get(backend_id)
+        if pool is None or not pool.free or pool.limit != limit or len(pool.busy) >= limit:
+            return None
+        seen = self._seen.get(backend_id)
+        if not self._link.up or (seen is not None and seen[0] > limit):
+            return None
+        return self._use(backend_id, pool)
+
     async def acquire(
         self, backend_id: str, limit: int, want: int = 1, priority: float | None = None
     ) -> SlotLease | None:
@@ -258,6 +269,19 @@ class FleetSlots:
             return
         pool.free[lease.id] = self._clock()
         self._schedule_sweep(self.idle_s)
+
+    def keep(self, lease: SlotLease) -> bool:
+        """The common case of :meth:`release`, with no await: the unit stays here, free
+        (False: it must go back to Redis; call :meth:`release`)."""
+        pool = self._pools.get(lease.backend_id)
+        if pool is None or lease.id not in pool.busy:
+            return True
+        if self._link.up and self._yields(lease.backend_id, pool):
+            return False
+        del pool.busy[lease.id]
+        pool.free[lease.id] = self._clock()
+        self._schedule_sweep(self.idle_s)
+        return True
 
     def release_nowait(self, lease: SlotLease) -> None:
         """:meth:`release` from synchronous code (a cancelled request's clean-up)."""
