@@ -14,6 +14,7 @@ too: ZADD, PUBLISH, TIME...) per request.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -25,7 +26,9 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import _cgroup  # noqa: E402
 import _wrk  # noqa: E402
+from _cpu import total_cpu  # noqa: E402
 from _procs import Proc, free_port, http, wait_until  # noqa: E402
 
 from cluster import redis_commands  # noqa: E402
@@ -63,8 +66,18 @@ def _config(path: Path, port: int, backends: list[str], redis_url: str | None) -
     return path
 
 
-def run(redis_url: str, redis_port: int, *, seconds: int, rounds: int) -> dict[str, Any]:
-    """Medians over ``rounds`` of each target's saturated req/s and unloaded p50."""
+def run(
+    redis_url: str,
+    redis_port: int,
+    redis_pid: int,
+    *,
+    seconds: int,
+    rounds: int,
+    budget: float = 0.0,
+) -> dict[str, Any]:
+    """Medians over ``rounds`` of each target's saturated req/s and unloaded p50; with a
+    ``budget`` (cores per corral process, where a cgroup can hold it), each target's saturated
+    req/s again with its corral processes held to that budget (``budget_*`` keys)."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -88,32 +101,63 @@ def run(redis_url: str, redis_port: int, *, seconds: int, rounds: int) -> dict[s
             backends.append(url)
         corral = [sys.executable, "-m", "corral", "serve", "--config"]
         targets: dict[str, list[str]] = {"direct": [backends[0]]}
+        backend_pids = [p.pid for p in procs]
+        target_pids: dict[str, list[int]] = {"direct": []}
         port = free_port()
         one = start("one", [*corral, str(_config(work / "one.toml", port, backends, None))])
         targets["1 process"] = [f"http://127.0.0.1:{port}"]
+        target_pids["1 process"] = [one.pid]
         port = free_port()
         cfg = _config(work / "workers.toml", port, backends, redis_url)
         workers = start("workers", [*corral, str(cfg), "--workers", "2"])
         targets["2 workers"] = [f"http://127.0.0.1:{port}"]
+        target_pids["2 workers"] = [workers.pid]
         replicas = []
         for number in range(2):
             port = free_port()
             cfg = _config(work / f"replica{number}.toml", port, backends, redis_url)
             replicas.append(start(f"replica{number}", [*corral, str(cfg)]))
             targets.setdefault("2 replicas", []).append(f"http://127.0.0.1:{port}")
+            target_pids.setdefault("2 replicas", []).append(replicas[-1].pid)
         for name, proc in [("1 process", one), ("2 workers", workers)]:
             wait_until(lambda u=targets[name][0]: http("GET", f"{u}/readyz") == 200, proc, name)
         for url, proc in zip(targets["2 replicas"], replicas, strict=True):
             wait_until(lambda u=url: http("GET", f"{u}/readyz") == 200, proc, "replica")
         results: dict[str, dict[str, list[float]]] = {t: {} for t in targets}
+
+        def budgeted(name: str, urls: list[str], pids: list[int], row: dict[str, Any]) -> None:
+            """The saturated run again, ``name``'s corral processes held to ``budget`` cores
+            each (a supervisor counts for nothing: its workers are the processes)."""
+            processes = 2 if name.startswith("2 ") else 1
+            slug = name.replace(" ", "-")
+            with _cgroup.Budget(f"corral-bench-{slug}", budget * processes) as group:
+                for pid in pids:
+                    group.add(pid)
+                _wrk.run(wrk, work, urls, "/api/generate", BODY, threads=2, conns=8, seconds=1)
+                held = group.throttled_s()
+                cpu_before = _cpu_by_role(pids, backend_pids, redis_pid)
+                sat = _wrk.run(wrk, work, urls, "/api/generate", BODY,
+                               threads=2, conns=32, seconds=seconds)  # fmt: skip
+                cpu_after = _cpu_by_role(pids, backend_pids, redis_pid)
+                row.setdefault("budget_rps", []).append(sat["rps"])
+                row.setdefault("budget_errors", []).append(sat["errors"])
+                used = cpu_after["corral"] - cpu_before["corral"]
+                row.setdefault("budget_cores", []).append(used / seconds)
+                row.setdefault("budget_us", []).append(used / max(1, sat["requests"]) * 1e6)
+                row.setdefault("budget_throttled", []).append(
+                    (group.throttled_s() - held) / seconds
+                )
+
         for number in range(rounds):
             print(f"end to end, round {number + 1}/{rounds} ...", file=sys.stderr, flush=True)
             for name, urls in targets.items():
                 # warm-up, then the measured runs
                 _wrk.run(wrk, work, urls, "/api/generate", BODY, threads=2, conns=8, seconds=1)
                 before = redis_processed(redis_port), redis_commands(redis_port)
+                cpu_before = _cpu_by_role(target_pids[name], backend_pids, redis_pid)
                 sat = _wrk.run(wrk, work, urls, "/api/generate", BODY,
                                threads=2, conns=32, seconds=seconds)  # fmt: skip
+                cpu_after = _cpu_by_role(target_pids[name], backend_pids, redis_pid)
                 after = redis_processed(redis_port), redis_commands(redis_port)
                 lone = _wrk.run(wrk, work, urls[:1], "/api/generate", BODY,
                                 threads=1, conns=1, seconds=seconds)  # fmt: skip
@@ -121,11 +165,19 @@ def run(redis_url: str, redis_port: int, *, seconds: int, rounds: int) -> dict[s
                 row.setdefault("rps", []).append(sat["rps"])
                 row.setdefault("errors", []).append(sat["errors"] + lone["errors"])
                 row.setdefault("p50_ms", []).append(lone["p50_ms"])
+                served = max(1, sat["requests"])
+                for role, spent in cpu_after.items():
+                    used = spent - cpu_before[role]
+                    row.setdefault(f"{role}_us", []).append(used / served * 1e6)
+                    row.setdefault(f"{role}_cores", []).append(used / seconds)
                 if name.startswith("2 "):
-                    served = max(1, sat["requests"])
                     scripts = sum(after[1].get(c, 0) - before[1].get(c, 0) for c in SCRIPTS)
                     row.setdefault("redis_per_req", []).append(scripts / served)
                     row.setdefault("commands_per_req", []).append((after[0] - before[0]) / served)
+            if budget > 0:
+                for name, urls in targets.items():
+                    if name != "direct":
+                        budgeted(name, urls, target_pids[name], results[name])
         return {
             name: {key: statistics.median(values) for key, values in row.items()}
             for name, row in results.items()
@@ -133,6 +185,19 @@ def run(redis_url: str, redis_port: int, *, seconds: int, rounds: int) -> dict[s
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def _cpu_by_role(target: list[int], backends: list[int], redis: int) -> dict[str, float]:
+    """CPU seconds so far of the target's processes (a supervisor's workers included), the
+    backends, wrk (finished children of this process: only wrk is reaped while running) and
+    redis-server."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "corral": total_cpu(target),
+        "backends": total_cpu(backends),
+        "wrk": children.ru_utime + children.ru_stime,
+        "redis": total_cpu([redis]),
+    }
 
 
 def table(medians: dict[str, Any], cores: int | None) -> str:
@@ -155,5 +220,39 @@ def table(medians: dict[str, Any], cores: int | None) -> str:
             f"{'' if per_req is None else f'{per_req:.2f}'} | "
             f"{'' if commands is None else f'{commands:.1f}'} | {row['errors']:.0f} |"
         )
+    lines += [
+        "",
+        "Where the CPU went in the saturated runs: µs of CPU per request and cores in use, by role",
+        "",
+        "| target | corral µs/req | backends µs/req | wrk µs/req | redis µs/req "
+        "| corral cores | other cores | all cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    roles = ("corral", "backends", "wrk", "redis")
+    for name, row in medians.items():
+        other = sum(row[f"{r}_cores"] for r in roles[1:])
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{row[f'{r}_us']:.0f}" for r in roles)
+            + f" | {row['corral_cores']:.2f} | {other:.2f} | {row['corral_cores'] + other:.2f} |"
+        )
+    budget = [(name, row) for name, row in medians.items() if "budget_rps" in row]
+    if budget:
+        base = medians["1 process"]["budget_rps"]
+        lines += [
+            "",
+            "Each corral process held to the same CPU budget (a cgroup quota), so that wrk and "
+            "the backends never take corral's share: N dedicated cores, scaled down",
+            "",
+            "| target | req/s (wrk -t2 -c32) | × 1 process | corral cores used "
+            "| corral µs/req | time throttled | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, row in budget:
+            lines.append(
+                f"| {name} | {row['budget_rps']:,.0f} | {row['budget_rps'] / base:.2f} | "
+                f"{row['budget_cores']:.2f} | {row['budget_us']:.0f} | "
+                f"{row['budget_throttled']:.0%} | {row['budget_errors']:.0f} |"
+            )
     lines.append(f"\n({cores} CPUs; every process on the same machine, wrk included)")
     return "\n".join(lines)

@@ -268,6 +268,13 @@ def main() -> None:
     parser.add_argument("--no-e2e", action="store_true", help="the library phases only")
     parser.add_argument("--no-library", action="store_true", help="the end-to-end phase only")
     parser.add_argument("--e2e-seconds", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument(
+        "--core-budget",
+        type=float,
+        default=0.6,
+        help="end to end, again with each corral process held to this many cores by a cgroup "
+        "quota (root; 0: skip)",
+    )
     args = parser.parse_args()
     if args.worker:
         run_worker(args.worker)
@@ -303,10 +310,19 @@ def main() -> None:
             print(f"round {number + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
             rounds.append(one_round(url, port, args))
         if not args.no_e2e and port is not None:
+            import _cgroup
             import _cluster_e2e
 
             seconds = 2 if args.quick else args.e2e_seconds
-            e2e = _cluster_e2e.run(url, port, seconds=seconds, rounds=args.rounds)
+            assert server is not None
+            budget = args.core_budget
+            if budget > 0 and not _cgroup.available():
+                print("no writable cgroup cpu controller: the CPU-budget runs are skipped",
+                      file=sys.stderr)  # fmt: skip
+                budget = 0.0
+            e2e = _cluster_e2e.run(
+                url, port, server.pid, seconds=seconds, rounds=args.rounds, budget=budget
+            )
     finally:
         if server is not None:
             server.terminate()
