@@ -294,26 +294,40 @@ def test_client_key_rate_is_one_bucket_for_the_fleet(
 def test_a_missed_delete_is_owed_fleet_wide_and_replayed_once(
     redis: RedisServer, sim_factory: Any, corral_factory: Any
 ) -> None:
-    """A fleet delete on A while gpu1 is down: B's models view shows what gpu1 owes within a
-    second; when gpu1 returns the leader alone replays it, and both views forget it."""
-    from corral.sim.harness import SimProcess
+    """A fleet delete on the leader A while gpu1 is down: B's models view shows what gpu1 owes
+    within a second. When gpu1 comes back for B only, B leaves it owed (a follower never
+    replays); once A reaches gpu1 too, A alone replays it: gpu1 gets one delete, A's metrics
+    count it, B's do not, and both views forget it."""
+    from tests.chaos.relay import Relay
 
     model = "qwen2.5:7b"
-    sim = sim_factory(name="a")
-    down = SimProcess(name="b").start()
+    sim, target = sim_factory(name="a"), sim_factory(name="b")
+    # Each replica reaches gpu1 by its own network path, cut and restored here (health probes
+    # are per replica: each knows what it reaches).
+    paths = [Relay(target.port).start(), Relay(target.port).start()]
+
+    def fleet(path: Relay) -> list[dict[str, Any]]:
+        return [backend(sim), {"id": "gpu1", "url": path.url, "max_concurrent": 2}]
+
+    def deletes() -> int:
+        return int(target.stats()["by_route"].get("/api/delete", 0))
+
+    def owed(client: httpx.Client) -> list[dict[str, Any]]:
+        replays: list[dict[str, Any]] = client.get(f"{LB}/models").json()["replays"]
+        return replays
+
     try:
-        fleet = [backend(sim), {"id": "gpu1", "url": down.url, "max_concurrent": 2}]
-        a = corral_factory(fleet, cluster=cluster(redis))
-        b = corral_factory(fleet, cluster=cluster(redis))
-        assert poll(lambda: a.runtime.cluster.is_leader or b.runtime.cluster.is_leader, 5)
+        a = corral_factory(fleet(paths[0]), cluster=cluster(redis))
+        assert poll(lambda: a.runtime.cluster.is_leader, 5)
+        b = corral_factory(fleet(paths[1]), cluster=cluster(redis))
+        assert not b.runtime.cluster.is_leader
+        assert metric(a.url, "corral_cluster_leader") == 1.0
+        assert metric(b.url, "corral_cluster_leader") == 0.0
         gpu1 = [r.runtime.registry.get("gpu1") for r in (a, b)]
         assert poll(lambda: all(g.healthy for g in gpu1), 5)
-        down.kill()
+        for path in paths:
+            path.stop()
         assert poll(lambda: not any(g.healthy for g in gpu1), 5)
-
-        def owed(client: httpx.Client) -> list[dict[str, Any]]:
-            replays: list[dict[str, Any]] = client.get(f"{LB}/models").json()["replays"]
-            return replays
 
         with a.client() as ca, b.client() as cb:
             gone = ca.request("DELETE", "/api/delete", json={"model": model})
@@ -323,18 +337,25 @@ def test_a_missed_delete_is_owed_fleet_wide_and_replayed_once(
             assert (entry["backend"], entry["action"], entry["model"]) == ("gpu1", "delete", model)
             assert entry["reason"] == "down"
 
-            back = SimProcess(name="b", port=down.port).start()  # with the model on disk
-            down = back
+            paths[1].restore()  # B reaches gpu1 again; A does not yet
+            assert poll(lambda: gpu1[1].healthy, 5)
+
+            # Two replay rounds (one a second) in which a replaying follower would act.
+            def replayed() -> bool:
+                return deletes() > 0 or not owed(ca) or not owed(cb)
+
+            assert not poll(replayed, 2.0), "the follower replayed"
+
+            paths[0].restore()
             assert poll(lambda: not owed(ca) and not owed(cb), 10)
-        assert back.stats()["by_route"].get("/api/delete") == 1
+        assert deletes() == 1
         done = 'corral_model_replays_total{action="delete",backend="gpu1",outcome="done"}'
-        counts = [metric(r.url, re.escape(done)) for r in (a, b)]
-        leader = 0 if a.runtime.cluster.is_leader else 1
-        assert counts[leader] == 1.0
-        assert counts[1 - leader] is None
-        assert not (b, a)[leader].runtime._leading  # the follower runs no replays
+        assert metric(a.url, re.escape(done)) == 1.0
+        assert metric(b.url, re.escape(done)) is None
+        assert not b.runtime._leading  # the follower runs no replays
     finally:
-        down.stop()
+        for path in paths:
+            path.stop()
 
 
 def test_the_leader_forgets_an_expired_registration(
