@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -16,6 +16,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics import MetricWrapperBase
+
+if TYPE_CHECKING:
+    from corral.exposition import HostMetrics
 
 # Request latency spans milliseconds (embeddings) to minutes (long generations, cold loads).
 # The *_created series double every counter's output and no dashboard needs them.
@@ -32,6 +35,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        # serve --workers: /metrics answers for every worker on the host (None: this process).
+        self.host: HostMetrics | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._model_labels: set[str] = set()
         self._requests: dict[tuple[str | None, str, str, int], tuple[Any, ...]] = {}
@@ -286,7 +291,15 @@ class Metrics:
                 metric.remove_by_labels({"backend": backend_id})
 
     def render(self) -> bytes:
+        """This process's exposition."""
         return generate_latest(self.registry)
+
+    async def render_host(self) -> bytes:
+        """What ``/metrics`` answers: the host's exposition under ``serve --workers``, else
+        this process's."""
+        if self.host is None:
+            return self.render()
+        return await self.host.render()
 
 
 # Distinct model names that may become label values (the rest count as "other").

@@ -368,6 +368,7 @@ def health_routes(*, metrics: bool = True) -> APIRouter:
             # server.metrics_auth: the admin key, as the admin API takes it.
             if runtime.settings.server.metrics_auth:
                 require_admin(request)
-            return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
+            metrics = runtime.metrics
+            return Response(await metrics.render_host(), media_type=metrics.content_type)
 
     return plain
