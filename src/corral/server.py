@@ -4,7 +4,10 @@
 socket with SO_REUSEPORT (the kernel spreads connections over them) and is a whole corral
 (its own listener protocol, drain, and cluster replica id), sharing slots and state with the
 others through ``[cluster]``'s Redis. The parent only starts them, passes SIGTERM/SIGINT on
-(each worker drains its own requests) and exits with the worst exit code.
+(each worker drains its own requests) and exits with the worst exit code. It also keeps a
+private directory where each worker serves its own metrics on a unix socket, so that a
+``/metrics`` scrape of any worker answers for the host (:mod:`corral.exposition`), and, under
+systemd, relays the workers' readiness as its own (:class:`corral.workers.NotifyRelay`).
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import resource
 import signal
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -25,9 +30,11 @@ import uvicorn
 
 from corral.app import CorralApp, create_app
 from corral.config import ServerSettings, Settings
+from corral.exposition import HostMetrics, serve_exposition
 from corral.listener import ADMIN_HEADROOM, ConnectionGate, EdgeLimits, edge_protocol
 from corral.logs import configure_logging
 from corral.systemd import sd_notify
+from corral.workers import NotifyRelay, WorkerPlan, plans, private_dir
 
 log = structlog.get_logger("corral")
 
@@ -46,24 +53,29 @@ class CorralServer(uvicorn.Server):
         app: CorralApp,
         admin: uvicorn.Config | None = None,
         admin_sockets: list[socket.socket] | None = None,
+        metrics_socket: str | None = None,
     ) -> None:
         super().__init__(config)
         self.corral = app
         self._drain_task: asyncio.Task[None] | None = None
         self.admin = _AdminServer(admin) if admin is not None else None
         self._admin_sockets = admin_sockets
+        self._metrics_socket = metrics_socket
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        """Serve the main port, and the admin listener beside it when there is one."""
-        if self.admin is None:
+        """Serve the main port, the admin listener beside it when there is one, and (a worker
+        of ``serve --workers``) this process's metrics for its siblings."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._metrics_socket is not None:
+                exposition = await serve_exposition(
+                    self._metrics_socket, self.corral.runtime.metrics.render
+                )
+                stack.push_async_callback(_close_server, exposition)
+            if self.admin is not None:
+                admin = self.admin
+                task = asyncio.create_task(admin.serve(self._admin_sockets), name="admin-listener")
+                stack.push_async_callback(_stop_admin, admin, task)
             await super().serve(sockets)
-            return
-        admin = asyncio.create_task(self.admin.serve(self._admin_sockets), name="admin-listener")
-        try:
-            await super().serve(sockets)
-        finally:
-            self.admin.should_exit = True
-            await admin
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         runtime = self.corral.runtime
@@ -96,6 +108,16 @@ class CorralServer(uvicorn.Server):
         if not finished:
             log.warning("drain grace period over; closing remaining streams")
         self.should_exit = True
+
+
+async def _close_server(server: asyncio.AbstractServer) -> None:
+    server.close()
+    await server.wait_closed()
+
+
+async def _stop_admin(admin: uvicorn.Server, task: asyncio.Task[None]) -> None:
+    admin.should_exit = True
+    await task
 
 
 class _AdminServer(uvicorn.Server):
@@ -160,8 +182,14 @@ def uvicorn_config(
     )
 
 
-def build_server(settings: Settings, *, shared_port: bool = False) -> CorralServer:
+def build_server(settings: Settings, *, worker: WorkerPlan | None = None) -> CorralServer:
+    """The server of one corral process; ``worker``: one of ``serve --workers`` (its admin
+    listener shares the port, its /metrics answers for every worker)."""
     app = create_app(settings)
+    if worker is not None:
+        metrics = app.runtime.metrics
+        workers = len(worker.metrics_sockets)
+        metrics.host = HostMetrics(metrics.render, worker.siblings, workers=workers)
     admin = None
     gate = connection_gate(app, settings, admin=app.admin_api is not None)
     if app.admin_api is not None and settings.server.admin_port is not None:
@@ -180,9 +208,15 @@ def build_server(settings: Settings, *, shared_port: bool = False) -> CorralServ
             proxy_headers=False,
         )
     admin_sockets = None
-    if admin is not None and shared_port:
+    if admin is not None and worker is not None:
         admin_sockets = [reuse_port_socket(admin.host, admin.port)]
-    return CorralServer(uvicorn_config(app, settings, gate=gate), app, admin, admin_sockets)
+    return CorralServer(
+        uvicorn_config(app, settings, gate=gate),
+        app,
+        admin,
+        admin_sockets,
+        metrics_socket=worker.metrics_socket if worker is not None else None,
+    )
 
 
 def raise_open_files(wanted: int = 65536) -> None:
@@ -217,11 +251,16 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(settings: Settings, number: int) -> None:
+def _worker(settings: Settings, plan: WorkerPlan) -> None:
     """One worker process: a whole corral on a SO_REUSEPORT socket of the shared port."""
+    # Under systemd, readiness goes to the parent's relay (systemd hears the main process only).
+    if plan.notify_socket is not None:
+        os.environ["NOTIFY_SOCKET"] = plan.notify_socket
+    else:
+        os.environ.pop("NOTIFY_SOCKET", None)
     configure_logging(settings.server.log_level, settings.server.log_format)
-    structlog.contextvars.bind_contextvars(worker=number)
-    server = build_server(settings, shared_port=True)
+    structlog.contextvars.bind_contextvars(worker=plan.number)
+    server = build_server(settings, worker=plan)
     sock = reuse_port_socket(settings.server.host, settings.server.port)
     server.run(sockets=[sock])
 
@@ -231,21 +270,32 @@ def run_workers(settings: Settings, workers: int) -> int:
     drains). Returns the worst exit code."""
     if settings.server.port == 0:
         raise ValueError("--workers needs a fixed server.port (each worker binds it)")
+    with private_dir() as directory:
+        relay = NotifyRelay.open(directory)
+        try:
+            return _supervise(settings, workers, directory, relay)
+        finally:
+            if relay is not None:
+                relay.close()
+
+
+def _supervise(settings: Settings, workers: int, directory: Path, relay: NotifyRelay | None) -> int:
     context = multiprocessing.get_context("spawn")
+    notify = relay.path if relay is not None else None
     procs = [
-        context.Process(target=_worker, args=(settings, n), name=f"corral-worker-{n}")
-        for n in range(workers)
+        context.Process(target=_worker, args=(settings, plan), name=f"corral-worker-{plan.number}")
+        for plan in plans(directory, workers, notify)
     ]
     for proc in procs:
         proc.start()
-    log.info(
-        "corral workers started",
-        workers=workers,
-        pids=[p.pid for p in procs],
-        port=settings.server.port,
-    )
+    pids = [p.pid for p in procs if p.pid is not None]
+    if relay is not None:
+        relay.expect(pids)
+    log.info("corral workers started", workers=workers, pids=pids, port=settings.server.port)
 
     def forward(sig: int, frame: FrameType | None) -> None:
+        if relay is not None:
+            relay.stopping()
         for proc in procs:
             if proc.pid is not None and proc.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -253,9 +303,18 @@ def run_workers(settings: Settings, workers: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    running = {proc.sentinel: proc for proc in procs}
+    while running:
+        waiting: list[int | socket.socket] = [*running]
+        if relay is not None:
+            waiting.append(relay.sock)
+        for ready in multiprocessing.connection.wait(waiting):
+            if isinstance(ready, int):
+                running.pop(ready).join()
+            elif relay is not None:
+                relay.receive()
     worst = 0
     for proc in procs:
-        proc.join()
         code = proc.exitcode or 0
         if code:
             log.warning("corral worker exited", worker=proc.name, code=code)

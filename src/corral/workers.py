@@ -1,0 +1,121 @@
+"""``serve --workers``: what the parent process shares with its workers.
+
+The parent makes one private directory (mode 0700, removed when it exits) holding a unix socket
+per worker, on which that worker serves its own metrics (:mod:`corral.exposition` merges them
+into one host's ``/metrics``), and, under systemd, the datagram socket of a :class:`NotifyRelay`:
+systemd (``NotifyAccess=main``) hears only the main process, so the workers report to the
+parent and the parent speaks for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from corral.systemd import sd_notify
+
+log = structlog.get_logger("corral")
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What worker ``number`` is handed (picklable, for a spawned process)."""
+
+    number: int
+    metrics_sockets: tuple[str, ...]  # every worker's, by number
+    notify_socket: str | None  # the parent's relay; None outside systemd
+
+    @property
+    def metrics_socket(self) -> str:
+        return self.metrics_sockets[self.number]
+
+    @property
+    def siblings(self) -> tuple[str, ...]:
+        return tuple(p for n, p in enumerate(self.metrics_sockets) if n != self.number)
+
+
+@contextlib.contextmanager
+def private_dir() -> Iterator[Path]:
+    """A directory only this user can enter (mkdtemp makes it 0700), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="corral-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def plans(directory: Path, workers: int, notify_socket: str | None) -> list[WorkerPlan]:
+    paths = tuple(str(directory / f"metrics-{n}.sock") for n in range(workers))
+    return [WorkerPlan(n, paths, notify_socket) for n in range(workers)]
+
+
+class NotifyRelay:
+    """The workers' ``$NOTIFY_SOCKET``: sends ``READY=1`` on to systemd once every worker has
+    said it, and ``STOPPING=1`` the first time a worker (or the parent) says it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # The sender's pid rides along with each datagram, as systemd reads it.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self._workers: set[int] = set()
+        self._ready: set[int] = set()
+        self.ready = False
+        self.stopped = False
+
+    @classmethod
+    def open(cls, directory: Path) -> NotifyRelay | None:
+        """A relay when the parent runs under systemd (``$NOTIFY_SOCKET`` set), else None."""
+        return cls(directory / "notify") if os.environ.get("NOTIFY_SOCKET") else None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def expect(self, pids: list[int]) -> None:
+        """The workers whose ``READY=1`` systemd waits for."""
+        self._workers = set(pids)
+
+    def receive(self) -> None:
+        """Handle every datagram waiting on the socket."""
+        while True:
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
+            except (BlockingIOError, InterruptedError):
+                return
+            pid = None
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = _UCRED.unpack(payload[: _UCRED.size])[0]
+            self.handle(data, pid)
+
+    def handle(self, data: bytes, pid: int | None) -> None:
+        states = data.decode(errors="replace").split("\n")
+        if "STOPPING=1" in states:
+            self.stopping()
+        if "READY=1" in states and pid in self._workers:
+            self._ready.add(pid)
+            if self._ready >= self._workers and not self.ready and not self.stopped:
+                self.ready = True
+                sd_notify("READY=1")
+                log.info("corral workers ready", workers=len(self._workers))
+
+    def stopping(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            sd_notify("STOPPING=1")
+
+    def close(self) -> None:
+        self.sock.close()
