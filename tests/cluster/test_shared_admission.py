@@ -287,13 +287,6 @@ async def test_redis_stopped_admission_counts_locally(
         await r.finish()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when Redis goes away, FleetSlots.lost() resets the other replicas' counts "
-    "(BackendState.elsewhere to 0) but nothing wakes the queue: requests queued behind "
-    "another replica's units wait for an unrelated wake-up (a local release, a new request, "
-    "a health transition), else time out with 503",
-)
 async def test_redis_stopped_admits_the_requests_waiting_for_other_replicas_units(
     replica: ReplicaFactory, redis_server: RedisServer
 ) -> None:

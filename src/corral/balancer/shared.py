@@ -171,7 +171,14 @@ class SharedAdmission(Admission):
 
     def _counted(self, backend_id: str, elsewhere: int) -> None:
         if backend_id in self.registry:
-            self.registry.get(backend_id).elsewhere = elsewhere
+            backend = self.registry.get(backend_id)
+            fewer = elsewhere < backend.elsewhere
+            backend.elsewhere = elsewhere
+            if fewer and self._count:
+                # Slots opened up in this replica's view (another replica's units went
+                # back or expired, or Redis went away and only local requests count now):
+                # the queue may dispatch.
+                self.registry.notify()
 
     def _freed(self, backend_id: str) -> None:
         """A slot freed on another replica: dispatch, after the grace another replica's more
