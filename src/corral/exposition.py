@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 SIBLING_TIMEOUT_S = 0.25
+_END = b"# EOF\n"  # a sibling's exposition ends so (as OpenMetrics does): a cut one is told apart
 
 # How a gauge reported by several workers becomes one value (per label set).
 # sum: each worker's own share (its queue, its connections).
@@ -57,15 +58,19 @@ _COMBINE: dict[str, Callable[[float, float], float]] = {
 def merge(texts: Sequence[str | bytes], workers: int | None = None) -> bytes:
     """Merge expositions (text format) into one, families in the order first seen.
 
-    With ``workers``, adds ``corral_workers`` (that many) and ``corral_workers_scraped``
-    (``len(texts)``).
+    An exposition that does not parse is left out. With ``workers``, adds ``corral_workers``
+    (that many) and ``corral_workers_scraped`` (the expositions merged).
     """
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Sample]] = {}
+    scraped = 0
     for text in texts:
-        if isinstance(text, bytes):
-            text = text.decode()
-        for family in text_string_to_metric_families(text):
+        try:
+            parsed = list(text_string_to_metric_families(_text(text)))
+        except (ValueError, UnicodeDecodeError):
+            continue  # not an exposition: left out
+        scraped += 1
+        for family in parsed:
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)
                 values[family.name] = {}
@@ -95,10 +100,14 @@ def merge(texts: Sequence[str | bytes], workers: int | None = None) -> bytes:
                 "corral_workers_scraped",
                 "Workers whose metrics this scrape holds; below corral_workers when one did "
                 f"not answer within {SIBLING_TIMEOUT_S} s (its counters are missing).",
-                value=len(texts),
+                value=scraped,
             )
         )
     return generate_latest(_Families(out))
+
+
+def _text(text: str | bytes) -> str:
+    return text.decode() if isinstance(text, bytes) else text
 
 
 def _rule(family: Metric) -> Callable[[str], Callable[[float, float], float]]:
@@ -122,11 +131,12 @@ class _Families:
 
 
 async def serve_exposition(path: str, render: Callable[[], bytes]) -> asyncio.AbstractServer:
-    """A unix socket at ``path`` that writes ``render()`` to each connection and closes it."""
+    """A unix socket at ``path`` that writes ``render()`` (and an end line) to each connection
+    and closes it."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write(render())
+            writer.write(render() + _END)
             await writer.drain()
         except OSError:
             pass  # the reader gave up (its deadline passed)
@@ -144,12 +154,14 @@ async def read_exposition(path: str, timeout_s: float = SIBLING_TIMEOUT_S) -> by
     try:
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_unix_connection(path)
-            return await reader.read()
+            text = await reader.read()
     except (OSError, TimeoutError):
         return None
     finally:
         if writer is not None:
             writer.close()
+    # Without its last line it was cut short (its worker died while writing it).
+    return text[: -len(_END)] if text.endswith(_END) else None
 
 
 class HostMetrics:

@@ -26,6 +26,9 @@ from corral.systemd import sd_notify
 log = structlog.get_logger("corral")
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# A unix socket's path holds at most 107 bytes; the longest name put in the directory is
+# "/metrics-NNN.sock".
+_MAX_DIR_BYTES = 107 - len("/metrics-000.sock")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class WorkerPlan:
 def private_dir() -> Iterator[Path]:
     """A directory only this user can enter (mkdtemp makes it 0700), removed afterwards."""
     path = Path(tempfile.mkdtemp(prefix="corral-"))
+    if len(os.fsencode(path)) > _MAX_DIR_BYTES:  # too long a $TMPDIR for socket names
+        path.rmdir()
+        path = Path(tempfile.mkdtemp(prefix="corral-", dir="/tmp"))
     try:
         yield path
     finally:

@@ -119,31 +119,43 @@ def test_every_gauge_corral_exports_has_a_rule() -> None:
 
 
 def test_workers_gauges_count_the_expositions() -> None:
-    """corral_workers is the host's worker count, corral_workers_scraped how many answered."""
-    merged = merge([worker(1).render(), worker(1).render()], workers=3)
+    """corral_workers is the host's worker count, corral_workers_scraped how many were merged;
+    an exposition cut short (its worker died mid-write) is left out, not an error."""
+    cut = worker(5).render()[:200]
+    merged = merge([worker(1).render(), worker(1).render(), cut], workers=3)
     assert value(merged, "corral_workers") == 3
     assert value(merged, "corral_workers_scraped") == 2
+    req = {"backend": "gpu0", "route": "/api/generate", "model": "llama3.2", "code": "200"}
+    assert value(merged, "corral_requests_total", **req) == 2
 
 
 async def test_a_sibling_that_does_not_answer_is_left_out(tmp_path: Path) -> None:
-    """One sibling answers on its socket, one has no socket, one accepts and never writes:
-    the scrape holds this worker's and the answering sibling's counts, within the deadline."""
+    """One sibling answers on its socket, one has no socket, one accepts and never writes, one
+    stops in the middle of its exposition (at the end of a line): the scrape holds this
+    worker's and the answering sibling's counts, within the deadline."""
     mine, sibling = worker(3), worker(4)
     answering = str(tmp_path / "metrics-1.sock")
     missing = str(tmp_path / "metrics-2.sock")
     stalled = str(tmp_path / "metrics-3.sock")
+    cut = str(tmp_path / "metrics-4.sock")
     release = asyncio.Event()
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await release.wait()
         writer.close()
 
+    async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        text = worker(5).render()
+        writer.write(text[: text.index(b"\n", 200) + 1])
+        writer.close()
+
     servers = [
         await serve_exposition(answering, sibling.render),
         await asyncio.start_unix_server(hold, stalled),
+        await asyncio.start_unix_server(die, cut),
     ]
     try:
-        host = HostMetrics(mine.render, [answering, missing, stalled], workers=4)
+        host = HostMetrics(mine.render, [answering, missing, stalled, cut], workers=5)
         started = time.monotonic()
         merged = await host.render()
         assert time.monotonic() - started < 1.0
@@ -153,5 +165,5 @@ async def test_a_sibling_that_does_not_answer_is_left_out(tmp_path: Path) -> Non
             server.close()
     req = {"backend": "gpu0", "route": "/api/generate", "model": "llama3.2", "code": "200"}
     assert value(merged, "corral_requests_total", **req) == 7
-    assert value(merged, "corral_workers") == 4
+    assert value(merged, "corral_workers") == 5
     assert value(merged, "corral_workers_scraped") == 2
