@@ -5,8 +5,9 @@ on a private unix socket (connect, read to the end), and the worker a scrape rea
 siblings' there, each within :data:`SIBLING_TIMEOUT_S`, and answers for the whole host as one
 corral would: the same names, label sets, HELP and TYPE lines. Counters and histograms are
 summed per label set; each gauge follows its rule in :data:`GAUGE_RULES`. A sibling that does
-not answer in time is left out of that scrape (its counters with it, which Prometheus reads as
-a reset), and ``corral_workers_scraped`` falls below ``corral_workers``.
+not answer in time is stood in for by its last answer, up to :data:`STALE_S` old (leaving its
+counters out would read as a reset to Prometheus), and ``corral_workers_scraped`` falls below
+``corral_workers``; after that it is left out.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import generate_latest
@@ -23,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 SIBLING_TIMEOUT_S = 0.25
+STALE_S = 60.0  # how long a sibling's last answer stands in for one it did not give
 _END = b"# EOF\n"  # a sibling's exposition ends so (as OpenMetrics does): a cut one is told apart
 
 # How a gauge reported by several workers becomes one value (per label set).
@@ -55,11 +58,12 @@ _COMBINE: dict[str, Callable[[float, float], float]] = {
 }
 
 
-def merge(texts: Sequence[str | bytes], workers: int | None = None) -> bytes:
+def merge(texts: Sequence[str | bytes], workers: int | None = None, *, stale: int = 0) -> bytes:
     """Merge expositions (text format) into one, families in the order first seen.
 
     An exposition that does not parse is left out. With ``workers``, adds ``corral_workers``
-    (that many) and ``corral_workers_scraped`` (the expositions merged).
+    (that many) and ``corral_workers_scraped`` (the expositions merged, less the ``stale``
+    ones: earlier answers standing in for workers that did not answer now).
     """
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Sample]] = {}
@@ -98,9 +102,10 @@ def merge(texts: Sequence[str | bytes], workers: int | None = None) -> bytes:
         out.append(
             GaugeMetricFamily(
                 "corral_workers_scraped",
-                "Workers whose metrics this scrape holds; below corral_workers when one did "
-                f"not answer within {SIBLING_TIMEOUT_S} s (its counters are missing).",
-                value=scraped,
+                "Workers that answered this scrape; below corral_workers when one did not "
+                f"within {SIBLING_TIMEOUT_S} s (its last answer, up to {STALE_S:g} s old, "
+                "stands in for it).",
+                value=max(0, scraped - stale),
             )
         )
     return generate_latest(_Families(out))
@@ -171,10 +176,19 @@ class HostMetrics:
         self._own = own
         self.siblings = tuple(siblings)
         self.workers = workers
+        self._last: dict[str, tuple[bytes, float]] = {}  # sibling -> its last answer, when
 
     async def render(self) -> bytes:
         own = self._own()
         read = await asyncio.gather(*(read_exposition(p) for p in self.siblings))
-        texts = [own, *(text for text in read if text is not None)]
+        now = time.monotonic()
+        texts, stale = [own], 0
+        for path, text in zip(self.siblings, read, strict=True):
+            if text is not None:
+                self._last[path] = (text, now)
+                texts.append(text)
+            elif path in self._last and now - self._last[path][1] <= STALE_S:
+                texts.append(self._last[path][0])
+                stale += 1
         # Parsing is pure Python: off the event loop, so requests keep flowing meanwhile.
-        return await asyncio.to_thread(merge, texts, self.workers)
+        return await asyncio.to_thread(merge, texts, self.workers, stale=stale)

@@ -6,8 +6,10 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from corral import exposition
 from corral.cluster.cluster import ClusterCollector
 from corral.exposition import GAUGE_RULES, HostMetrics, merge, serve_exposition
 from corral.fleet.backends import BackendRegistry
@@ -167,3 +169,31 @@ async def test_a_sibling_that_does_not_answer_is_left_out(tmp_path: Path) -> Non
     assert value(merged, "corral_requests_total", **req) == 7
     assert value(merged, "corral_workers") == 5
     assert value(merged, "corral_workers_scraped") == 2
+
+
+async def test_a_sibling_that_stops_answering_keeps_its_last_counts_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sibling that answered once and then misses a scrape is stood in for by its last
+    answer, so the host's counters do not drop (which Prometheus would read as a reset); once
+    that answer is older than STALE_S, it is left out."""
+    mine, sibling = worker(3), worker(4)
+    path = str(tmp_path / "metrics-1.sock")
+    server = await serve_exposition(path, sibling.render)
+    host = HostMetrics(mine.render, [path], workers=2)
+    req = {"backend": "gpu0", "route": "/api/generate", "model": "llama3.2", "code": "200"}
+    try:
+        first = await host.render()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert value(first, "corral_requests_total", **req) == 7
+    assert value(first, "corral_workers_scraped") == 2
+    mine.observe_request("gpu0", "/api/generate", "llama3.2", 200, 0.3, 0.1, 5)
+    silent = await host.render()
+    assert value(silent, "corral_requests_total", **req) == 8
+    assert value(silent, "corral_workers_scraped") == 1
+    monkeypatch.setattr(exposition, "STALE_S", 0.0)
+    gone = await host.render()
+    assert value(gone, "corral_requests_total", **req) == 4
+    assert value(gone, "corral_workers_scraped") == 1
