@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from corral.cluster.cluster import ClusterCollector
+from corral.exposition import merge
 from tests.helpers import REPO_ROOT, poll
 
 pytestmark = pytest.mark.integration
@@ -204,7 +208,10 @@ def test_dashboard_and_alerts_name_only_series_corral_exports(
 ) -> None:
     """Every metric in a dashboard or alert query is one a running corral exports."""
     text, samples = live_metrics
-    exported = exported_series(text) | PROMETHEUS_SERIES
+    # What a clustered corral adds: the cluster's own series, and serve --workers' gauges.
+    cluster = generate_latest(SimpleNamespace(collect=lambda: ClusterCollector._families(1, 1, 0)))
+    clustered = merge([text, cluster], workers=2).decode()
+    exported = exported_series(clustered) | PROMETHEUS_SERIES
     panel_queries = dashboard_queries(json.loads(DASHBOARD.read_text()))
     unknown = {}
     for where, expr in (panel_queries | alert_queries()).items():
