@@ -14,7 +14,7 @@ from corral.balancer.replicas import Replicator
 from corral.balancer.routing import Router
 from corral.balancer.shared import SharedAdmission
 from corral.config import RegisteredBackend, Settings, format_validation_error
-from corral.errors import DuplicateBackendError, UnknownStrategyError
+from corral.errors import DuplicateBackendError
 from corral.fleet.backends import BackendRegistry, BackendState
 from corral.fleet.discovery import Discovery
 from corral.fleet.gpu import GpuSampler, NullSampler, open_sampler
@@ -30,6 +30,7 @@ from corral.proxy.bodies import Bodies
 from corral.proxy.fanout import FanOut
 from corral.proxy.forward import Forwarder
 from corral.proxy.listing import Listing
+from corral.sync import ClusterSync, brief
 from corral.systemd import sd_notify
 from corral.upstream import Upstream
 
@@ -37,10 +38,6 @@ if TYPE_CHECKING:
     from corral.cluster import Cluster
 
 log = structlog.get_logger("corral")
-
-# The control state a cluster shares (corral.cluster.control), applied in this order at a
-# resync: a backend exists before its drain, weight or heartbeat is applied to it.
-STATE_KINDS = ("backends", "drains", "weights", "max_concurrent", "heartbeats", "strategy")
 
 
 class Runtime:
@@ -59,14 +56,13 @@ class Runtime:
         self.metrics = Metrics()
         # [cluster]: shared slots, state, limits and a leader through Redis (None: one corral).
         self.cluster: Cluster | None = None
+        self.sync: ClusterSync | None = None  # the cluster's control state, applied here
         url = settings.cluster.redis_url
         if url is not None and url.get_secret_value():
             from corral.cluster import Cluster
 
             self.cluster = Cluster(settings.cluster, registry=self.metrics.registry)
             self.clients.shared = self.cluster.wait_s
-        self._leading: list[asyncio.Task[Any]] = []
-        self._background: set[asyncio.Task[Any]] = set()
         self.registry = BackendRegistry(BackendState.from_settings(b) for b in settings.backends)
         self.upstream = upstream or Upstream(settings.timeouts)
         self.ledger = ReplayLedger(on_change=self._replays_changed)
@@ -152,9 +148,16 @@ class Runtime:
         self._restore()
         self.registry.on_change(self._on_change)
         if self.cluster is not None:
-            self.cluster.on_state(self._apply_state)
-            self.cluster.on_leadership(self._on_leadership)
-            self.cluster.watch(self.registry.ids())
+            self.sync = ClusterSync(
+                self.cluster,
+                self.registry,
+                self.ledger,
+                strategy=lambda: self.router.strategy_name,
+                set_strategy=self.set_strategy,
+                replays_changed=self._count_owed,
+                probe=self.health.probe,
+                start_once=self._start_once,
+            )
         # [[discovery]]: backends found in DNS (never in the state file: DNS has them).
         self.discovery = [
             Discovery(self.registry, entry, drain_timeout_s=settings.server.drain_timeout_s)
@@ -177,16 +180,16 @@ class Runtime:
                 self.registry.add(backend)
             except ValidationError as exc:
                 problems = "; ".join(format_validation_error(exc))
-                log.warning("state file entry skipped", entry=_brief(record), error=problems)
+                log.warning("state file entry skipped", entry=brief(record), error=problems)
                 continue
             except DuplicateBackendError as exc:
-                log.warning("state file entry skipped", entry=_brief(record), error=str(exc))
+                log.warning("state file entry skipped", entry=brief(record), error=str(exc))
                 continue
             log.info("backend restored from state file", backend=backend.id, url=backend.url)
 
     def _on_change(self, event: str, backend: BackendState | None) -> None:
-        if self.cluster is not None and event in ("added", "removed"):
-            self.cluster.watch(self.registry.ids())
+        if self.sync is not None:
+            self.sync.changed(event, backend)
         if backend is None:
             return
         if event == "removed":
@@ -198,15 +201,6 @@ class Runtime:
             log.info("backend added", backend=backend.id, url=backend.url)
         elif event == "expired":
             log.warning("backend missed its heartbeat; out of rotation", backend=backend.id)
-        if (
-            event == "removed"
-            and backend.expired
-            and self.cluster is not None
-            and self.cluster.is_leader
-        ):
-            # It missed its heartbeats everywhere: the leader forgets its registration.
-            self.share("backends", backend.id, None)
-            self.share("heartbeats", backend.id, None)
         if (
             self.state is not None
             and backend.registered
@@ -221,96 +215,14 @@ class Runtime:
     def _replays_changed(self) -> None:
         self._count_owed()
         self._save()
-        if self.cluster is not None:
-            shared = self.cluster.state("replays")
-            mine = self.ledger.by_backend()
-            for backend_id in mine.keys() | shared.keys():
-                records = mine.get(backend_id) or None
-                if records != shared.get(backend_id):
-                    self.share("replays", backend_id, records)
-
-    # The cluster -------------------------------------------------------------------------
+        if self.sync is not None:
+            self.sync.share_replays()
 
     async def publish(self, kind: str, key: str, value: Any) -> None:
         """Tell the other replicas of a local change (nothing without [cluster]). Never
         fails for Redis: while it is away the change is written at the resync."""
-        if self.cluster is not None:
-            await self.cluster.set_state(kind, key, value)
-
-    def share(self, kind: str, key: str, value: Any) -> None:
-        """:meth:`publish` from synchronous code, in the background."""
-        if self.cluster is None:
-            return
-        task = asyncio.get_running_loop().create_task(self.cluster.set_state(kind, key, value))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _apply_state(self, kind: str, key: str, value: Any) -> None:
-        """Apply a change another replica made (or a resync found), without writing back."""
-        registry = self.registry
-        if kind == "strategy":
-            if isinstance(value, str) and value != self.router.strategy_name:
-                try:
-                    self.set_strategy(value)
-                except UnknownStrategyError as exc:
-                    log.warning("shared strategy not known here", error=str(exc))
-            return
-        if kind == "replays":
-            self.ledger.replace(key, value if isinstance(value, list) else [])
-            self._count_owed()
-            return
-        if kind == "backends":
-            if value is None:
-                if key in registry and registry.get(key).registered:
-                    registry.remove(key)
-            elif key not in registry:
-                self._register_shared(value)
-            return
-        if key not in registry:
-            return  # applied when (if) it is registered here
-        backend = registry.get(key)
-        if kind == "drains":
-            if value:
-                registry.drain(key)
-            elif backend.draining and not backend.expired:
-                registry.enable(key)
-        elif kind == "weights":
-            backend.weight = value if isinstance(value, int | float) else None
-            registry.notify()
-        elif kind == "max_concurrent" and isinstance(value, int) and value > 0:
-            backend.max_concurrent = value
-            registry.notify()
-        elif kind == "heartbeats" and isinstance(value, dict) and backend.dynamic:
-            ttl = value.get("ttl_s")
-            registry.heartbeat(key, float(ttl) if isinstance(ttl, int | float) else None)
-
-    def _register_shared(self, record: Any) -> None:
-        try:
-            cfg = RegisteredBackend.model_validate(record)
-            backend = BackendState.from_settings(cfg, registered=True, ttl_s=cfg.ttl_s)
-            self.registry.add(backend)
-        except (ValidationError, DuplicateBackendError) as exc:
-            log.warning("shared registration skipped", entry=_brief(record), error=str(exc))
-            return
-        assert self.cluster is not None
-        for kind in ("drains", "weights", "max_concurrent"):
-            value = self.cluster.state(kind).get(backend.id)
-            if value is not None:
-                self._apply_state(kind, backend.id, value)
-        # Probe it now: it serves here within a probe, not a health interval.
-        task = asyncio.get_running_loop().create_task(self.health.probe(backend))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _on_leadership(self, leader: bool) -> None:
-        """The leader runs what must run once in the fleet: placement, replicas, replays."""
-        if not leader:
-            for task in self._leading:
-                task.cancel()
-            self._leading.clear()
-            return
-        if not self._leading:
-            self._leading = self._start_once()
+        if self.sync is not None:
+            await self.sync.publish(kind, key, value)
 
     def _start_once(self) -> list[asyncio.Task[Any]]:
         tasks = [self.lifecycle.start("replays", self.fanout.run_replays())]
@@ -374,7 +286,7 @@ class Runtime:
             self.lifecycle.start(f"discovery-{number}", discovery.run())
         if self.cluster is None:
             self._start_once()
-        # (clustered: _on_leadership starts them on the leader only)
+        # (clustered: ClusterSync starts them on the leader only)
         sd_notify("READY=1")
 
     async def _watch_loop_lag(self, every_s: float = 0.05) -> None:
@@ -435,17 +347,11 @@ class Runtime:
         if self.cluster is not None:
             if isinstance(self.admission, SharedAdmission):
                 await self.admission.close_shared()
-            if self._background:
-                await asyncio.gather(*self._background, return_exceptions=True)
+            if self.sync is not None:
+                await self.sync.close()
             await self.cluster.close()
         await self.fanout.stop_replays()
         await self.bodies.close()
         self.gpus.close()
         await self.upstream.close()
         log.info("corral stopped")
-
-
-def _brief(record: object) -> str:
-    """A state file entry for a log line: bounded (the file may hold anything)."""
-    text = repr(record)
-    return text if len(text) <= 300 else text[:300] + "…"

@@ -47,6 +47,12 @@ def metric(url: str, name: str) -> float | None:
     return None if found is None else float(found.group(1))
 
 
+def leading(corral: Any) -> list[Any]:
+    """The tasks a replica runs because it leads (placement, replicas, replays)."""
+    assert corral.runtime.sync is not None
+    return list(corral.runtime.sync.leading)
+
+
 def healthy(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
@@ -173,10 +179,10 @@ def test_killed_leader_hands_placement_over(
             [backend(sim)], cluster=cluster(redis), placement={"priority_models": ["llama3.2"]}
         )
         assert not other.runtime.cluster.is_leader
-        assert not other.runtime._leading  # placement runs on the leader only
+        assert not leading(other)  # placement runs on the leader only
         kill(proc)
         assert poll(lambda: other.runtime.cluster.is_leader, LEASE_S + 1.0, 0.01)
-        names = {t.get_name() for t in other.runtime._leading if not t.done()}
+        names = {t.get_name() for t in leading(other) if not t.done()}
         assert {"placement", "replays"} <= names
         assert metric(other.url, "corral_cluster_leader") == 1.0
     finally:
@@ -352,7 +358,7 @@ def test_a_missed_delete_is_owed_fleet_wide_and_replayed_once(
         done = 'corral_model_replays_total{action="delete",backend="gpu1",outcome="done"}'
         assert metric(a.url, re.escape(done)) == 1.0
         assert metric(b.url, re.escape(done)) is None
-        assert not b.runtime._leading  # the follower runs no replays
+        assert not leading(b)  # the follower runs no replays
     finally:
         for path in paths:
             path.stop()
