@@ -396,7 +396,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="1", help="comma list; one run per seed and load")
     p.add_argument("--load", default="0.6", help="offered ÷ nominal capacity; comma list")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
-    p.add_argument("--time-scale", type=float, default=4.0, help="run this many times faster")
+    p.add_argument(
+        "--time-scale", type=float, help="run this many times faster [4; --quick: 8]"
+    )
     p.add_argument("--conversations", help="lo,hi: drawn per seed [90,110; --quick: 10,12]")
     p.add_argument("--corral-config-extra", default="", help="TOML appended to corral's config")
     p.add_argument(
@@ -417,8 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="10-12 chats at 8x: a smoke run")
     p.add_argument("--json", type=Path, default=BENCH / "results" / "fleet.json")
     args = p.parse_args(argv)
-    if args.quick:  # fewer chats, twice as fast: about 30 s per contender
-        args.time_scale = 8.0
+    if args.time_scale is None:  # --quick: fewer chats, twice as fast: about 30 s each
+        args.time_scale = 8.0 if args.quick else 4.0
     if args.conversations is None:
         args.conversations = "10,12" if args.quick else "90,110"
     try:

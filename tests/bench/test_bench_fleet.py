@@ -174,7 +174,8 @@ def test_quick_run_through_corral(tmp_path: Path) -> None:
     """--quick --contenders corral runs end to end and answers every turn it sent."""
     out = tmp_path / "fleet.json"
     argv = [sys.executable, str(BENCH / "fleet.py"), "--quick", "--contenders", "corral"]
-    argv += ["--conversations", "4,4", "--max-tail", "8", "--json", str(out)]
+    argv += ["--conversations", "4,4", "--time-scale", "16", "--max-tail", "8"]
+    argv += ["--json", str(out)]
     done = subprocess.run(argv, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     run = json.loads(out.read_text())["runs"][0]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.chaos
 
 
 def test_flapping_backend(sim_process_factory: Any, pair: Any) -> None:
-    """Down one second, up the next, three times: every request completes or ends with a clear
+    """Down one second, up the next, twice: every request completes or ends with a clear
     error (a stalled stream gets its error line after idle_s), health follows, nothing leaks."""
     a, _, corral, check = pair(
         sim_process_factory,
@@ -30,7 +30,7 @@ def test_flapping_backend(sim_process_factory: Any, pair: Any) -> None:
     with Load(corral.url, workers=6) as load:
         load.wait_for(6)
         try:
-            for _ in range(3):
+            for _ in range(2):
                 a.proc.send_signal(signal.SIGSTOP)
                 down_until = time.monotonic() + 1.0
                 while time.monotonic() < down_until:
