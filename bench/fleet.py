@@ -396,9 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="1", help="comma list; one run per seed and load")
     p.add_argument("--load", default="0.6", help="offered ÷ nominal capacity; comma list")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
-    p.add_argument(
-        "--time-scale", type=float, help="run this many times faster [4; --quick: 8]"
-    )
+    p.add_argument("--time-scale", type=float, help="run this many times faster [4; --quick: 8]")
     p.add_argument("--conversations", help="lo,hi: drawn per seed [90,110; --quick: 10,12]")
     p.add_argument("--corral-config-extra", default="", help="TOML appended to corral's config")
     p.add_argument(
