@@ -251,8 +251,25 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(settings: Settings, plan: WorkerPlan) -> None:
+def _follow(parent: int) -> None:
+    """Tie a worker to the main process: signals reach it through the main process only (its
+    own process group, so a terminal's Ctrl-C, sent to the whole group, does not arrive
+    twice and cut the drain short), and it drains and exits if the main process dies."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(settings: Settings, plan: WorkerPlan, parent: int) -> None:
     """One worker process: a whole corral on a SO_REUSEPORT socket of the shared port."""
+    _follow(parent)
     # Under systemd, readiness goes to the parent's relay (systemd hears the main process only).
     if plan.notify_socket is not None:
         os.environ["NOTIFY_SOCKET"] = plan.notify_socket
@@ -283,7 +300,9 @@ def _supervise(settings: Settings, workers: int, directory: Path, relay: NotifyR
     context = multiprocessing.get_context("spawn")
     notify = relay.path if relay is not None else None
     procs = [
-        context.Process(target=_worker, args=(settings, plan), name=f"corral-worker-{plan.number}")
+        context.Process(
+            target=_worker, args=(settings, plan, os.getpid()), name=f"corral-worker-{plan.number}"
+        )
         for plan in plans(directory, workers, notify)
     ]
     for proc in procs:

@@ -253,3 +253,74 @@ def test_every_scrape_counts_the_whole_host(
         assert complete[-10:] == [n] * 10
     finally:
         stop(proc)
+
+
+# Stopping ------------------------------------------------------------------------------------
+
+
+def stream_to_the_end(url: str) -> bool:
+    """One streamed generate on a fresh connection: True when its last line says done."""
+    body = {"model": "llama3.2", "prompt": "hi"}
+    with httpx.stream("POST", f"{url}/api/generate", json=body, timeout=20) as response:
+        lines = [line for line in response.iter_lines() if line.strip()]
+    return response.status_code == 200 and '"done":true' in lines[-1].replace(" ", "")
+
+
+def test_ctrl_c_reaches_the_process_group_and_every_worker_still_drains(
+    tmp_path: Path, short_dir: Path, redis_server: RedisServer, sim_factory: Any
+) -> None:
+    """Ctrl-C in a terminal signals the whole process group (and systemd's default
+    KillMode=control-group signals every process of the unit): each worker must drain its
+    streams once, not take the parent's forwarded signal as a second Ctrl-C and cut them."""
+    sim = sim_factory(name="a", token_interval_s=0.06, tokens=20, num_parallel=16)
+    env = {"TMPDIR": str(short_dir)}
+    proc, url = serve_workers(tmp_path, redis_server, sim_backend("gpu0", sim.url, 8), env)
+    try:
+        assert poll(lambda: all(answers(url, 2) for _ in range(8)), 20)
+        with ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(stream_to_the_end, url) for _ in range(8)]
+            assert poll(lambda: sim.stats()["in_flight"] >= 8, 10)
+            groups = {os.getpgid(pid) for pid in worker_pids(proc.pid)}
+            assert len(groups) == 2  # each worker its own group
+            assert os.getpgid(proc.pid) not in groups  # the group's Ctrl-C reaches the parent
+            os.killpg(proc.pid, signal.SIGINT)  # as the terminal does
+            assert [s.result() for s in streams] == [True] * 8
+        assert proc.wait(20) == 0
+    finally:
+        stop(proc)
+
+
+def test_workers_stop_when_the_main_process_is_killed(
+    tmp_path: Path, short_dir: Path, redis_server: RedisServer, sim_factory: Any
+) -> None:
+    """SIGKILL of the main process (nothing can forward anything) leaves no worker serving
+    the port: each one drains and exits on its own."""
+    sim = sim_factory(name="a")
+    env = {"TMPDIR": str(short_dir)}
+    proc, url = serve_workers(tmp_path, redis_server, sim_backend("gpu0", sim.url, 8), env)
+    try:
+        assert poll(lambda: all(answers(url, 2) for _ in range(8)), 20)
+        workers = worker_pids(proc.pid)
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait(5)
+        assert poll(lambda: not any(_alive(p) for p in workers), 15)
+        assert not answers(url, 0.5)
+    finally:
+        stop(proc)
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The worker processes of ``parent`` (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [
+        int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
