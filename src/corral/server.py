@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
-import multiprocessing.connection
 import os
 import resource
 import signal
 import socket
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -34,7 +31,7 @@ from corral.exposition import HostMetrics, serve_exposition
 from corral.listener import ADMIN_HEADROOM, ConnectionGate, EdgeLimits, edge_protocol
 from corral.logs import configure_logging
 from corral.systemd import sd_notify
-from corral.workers import NotifyRelay, WorkerPlan, plans, private_dir
+from corral.workers import NotifyRelay, Supervisor, WorkerPlan, plans, private_dir
 
 log = structlog.get_logger("corral")
 
@@ -289,53 +286,10 @@ def run_workers(settings: Settings, workers: int) -> int:
         raise ValueError("--workers needs a fixed server.port (each worker binds it)")
     with private_dir() as directory:
         relay = NotifyRelay.open(directory)
+        notify = relay.path if relay is not None else None
         try:
-            return _supervise(settings, workers, directory, relay)
+            supervisor = Supervisor(_worker, (settings,), plans(directory, workers, notify), relay)
+            return supervisor.run()
         finally:
             if relay is not None:
                 relay.close()
-
-
-def _supervise(settings: Settings, workers: int, directory: Path, relay: NotifyRelay | None) -> int:
-    context = multiprocessing.get_context("spawn")
-    notify = relay.path if relay is not None else None
-    procs = [
-        context.Process(
-            target=_worker, args=(settings, plan, os.getpid()), name=f"corral-worker-{plan.number}"
-        )
-        for plan in plans(directory, workers, notify)
-    ]
-    for proc in procs:
-        proc.start()
-    pids = [p.pid for p in procs if p.pid is not None]
-    if relay is not None:
-        relay.expect(pids)
-    log.info("corral workers started", workers=workers, pids=pids, port=settings.server.port)
-
-    def forward(sig: int, frame: FrameType | None) -> None:
-        if relay is not None:
-            relay.stopping()
-        for proc in procs:
-            if proc.pid is not None and proc.exitcode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, sig)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    running = {proc.sentinel: proc for proc in procs}
-    while running:
-        waiting: list[int | socket.socket] = [*running]
-        if relay is not None:
-            waiting.append(relay.sock)
-        for ready in multiprocessing.connection.wait(waiting):
-            if isinstance(ready, int):
-                running.pop(ready).join()
-            elif relay is not None:
-                relay.receive()
-    worst = 0
-    for proc in procs:
-        code = proc.exitcode or 0
-        if code:
-            log.warning("corral worker exited", worker=proc.name, code=code)
-        worst = max(worst, abs(code))
-    return worst

@@ -1,6 +1,9 @@
-"""``serve --workers``: what the parent process shares with its workers.
+"""``serve --workers``: the main process, and what it shares with its workers.
 
-The parent makes one private directory (mode 0700, removed when it exits) holding a unix socket
+:class:`Supervisor` starts the workers, passes SIGTERM/SIGINT on to them (each drains), starts a
+new worker in place of one that died (unless they keep dying at once: then it stops them all),
+and returns the worst exit code once every worker has stopped. The parent makes one private
+directory (mode 0700, removed when it exits) holding a unix socket
 per worker, on which that worker serves its own metrics (:mod:`corral.exposition` merges them
 into one host's ``/metrics``), and, under systemd, the datagram socket of a :class:`NotifyRelay`:
 systemd (``NotifyAccess=main``) hears only the main process, so the workers report to the
@@ -10,14 +13,21 @@ parent and the parent speaks for them.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
+import signal
 import socket
 import struct
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import structlog
 
@@ -125,3 +135,95 @@ class NotifyRelay:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# A worker that dies within this long of its start, this many times in a row, is not started
+# again: the whole host stops (a bad config or a taken port would otherwise loop forever).
+QUICK_DEATH_S = 10.0
+QUICK_DEATHS = 3
+
+
+class Supervisor:
+    """The main process of ``serve --workers``."""
+
+    def __init__(
+        self,
+        target: Callable[..., None],
+        args: tuple[Any, ...],
+        plans: list[WorkerPlan],
+        relay: NotifyRelay | None,
+    ) -> None:
+        self._target = target
+        self._args = args  # target(*args, plan, parent pid)
+        self._plans = plans
+        self._relay = relay
+        self._context = multiprocessing.get_context("spawn")
+        self._procs: dict[int, BaseProcess] = {}  # sentinel -> the worker
+        self._numbers: dict[int, int] = {}  # sentinel -> its plan's number
+        self._started: dict[int, float] = {}  # plan number -> when its worker started
+        self._quick: dict[int, int] = {}  # plan number -> quick deaths in a row
+        self.stopping = False
+        self.worst = 0
+
+    def run(self) -> int:
+        for plan in self._plans:
+            self._start(plan)
+        pids = [p.pid for p in self._procs.values() if p.pid is not None]
+        if self._relay is not None:
+            self._relay.expect(pids)
+        log.info("corral workers started", workers=len(pids), pids=pids)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._forward)
+        while self._procs:
+            waiting: list[Any] = [*self._procs]
+            if self._relay is not None:
+                waiting.append(self._relay.sock)
+            for ready in multiprocessing.connection.wait(waiting):
+                if isinstance(ready, int):
+                    self._ended(ready)
+                elif self._relay is not None:
+                    self._relay.receive()
+        return self.worst
+
+    def _start(self, plan: WorkerPlan) -> None:
+        proc = self._context.Process(
+            target=self._target,
+            args=(*self._args, plan, os.getpid()),
+            name=f"corral-worker-{plan.number}",
+        )
+        proc.start()
+        self._procs[proc.sentinel] = proc
+        self._numbers[proc.sentinel] = plan.number
+        self._started[plan.number] = time.monotonic()
+
+    def _ended(self, sentinel: int) -> None:
+        proc, number = self._procs.pop(sentinel), self._numbers.pop(sentinel)
+        proc.join()
+        code = proc.exitcode or 0
+        if self.stopping:
+            if code:
+                log.warning("corral worker exited", worker=proc.name, code=code)
+            self.worst = max(self.worst, abs(code))
+            return
+        quick = time.monotonic() - self._started[number] < QUICK_DEATH_S
+        self._quick[number] = self._quick.get(number, 0) + 1 if quick else 1
+        if self._quick[number] >= QUICK_DEATHS:
+            log.error(
+                "corral worker keeps exiting at once; stopping every worker",
+                worker=proc.name,
+                code=code,
+            )
+            self.worst = max(self.worst, abs(code) or 1)
+            self._forward(signal.SIGTERM, None)
+            return
+        log.warning("corral worker died; starting another", worker=proc.name, code=code)
+        self._start(self._plans[number])
+
+    def _forward(self, sig: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        if self._relay is not None:
+            self._relay.stopping()
+        for proc in self._procs.values():
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)

@@ -42,9 +42,10 @@ def serve_workers(
     backends: str,
     env: dict[str, str],
     health: str = "interval_s = 0.2\ntimeout_s = 1\n",
+    port: int | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """``corral serve --workers 2`` on a free port, not yet waited for."""
-    port = free_port()
+    """``corral serve --workers 2`` on ``port`` (a free one by default), not yet waited for."""
+    port = port or free_port()
     config = tmp_path / "workers.toml"
     config.write_text(
         f'[server]\nport = {port}\nlog_level = "warning"\n[health]\n{health}'
@@ -324,3 +325,52 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_a_worker_that_dies_is_replaced(
+    tmp_path: Path, short_dir: Path, redis_server: RedisServer, sim_factory: Any
+) -> None:
+    """A worker killed (a crash, the OOM killer) is replaced, as nginx and gunicorn replace
+    theirs: the host is back to two workers, and /metrics hears both again."""
+    sim = sim_factory(name="a")
+    env = {"TMPDIR": str(short_dir)}
+    proc, url = serve_workers(tmp_path, redis_server, sim_backend("gpu0", sim.url, 8), env)
+    try:
+        assert poll(lambda: all(answers(url, 2) for _ in range(8)), 20)
+        first = worker_pids(proc.pid)
+        os.kill(first[0], signal.SIGKILL)
+        assert poll(lambda: len(set(worker_pids(proc.pid)) - {first[0]}) == 2, 20)
+        assert poll(lambda: requests_scraped(url) == 2, 20)
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
+
+
+def requests_scraped(url: str) -> float | None:
+    try:
+        return requests_total(httpx.get(f"{url}/metrics", timeout=2).text)[1]
+    except httpx.HTTPError:
+        return None
+
+
+def test_workers_that_cannot_start_stop_the_host(
+    tmp_path: Path, short_dir: Path, redis_server: RedisServer, sim_factory: Any
+) -> None:
+    """A worker that exits at once, again and again (here: the port is taken by a socket that
+    does not share it), is not restarted forever: the main process stops with an error."""
+    sim = sim_factory(name="a")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        env = {"TMPDIR": str(short_dir)}
+        proc, _ = serve_workers(
+            tmp_path,
+            redis_server,
+            sim_backend("gpu0", sim.url, 8),
+            env,
+            port=taken.getsockname()[1],
+        )
+        try:
+            assert proc.wait(60) != 0
+        finally:
+            stop(proc)
+    assert b"keeps exiting at once" in (tmp_path / "stderr").read_bytes()
