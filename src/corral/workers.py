@@ -104,6 +104,15 @@ class NotifyRelay:
         """The workers whose ``READY=1`` systemd waits for."""
         self._workers = set(pids)
 
+    def replaced(self, old: int | None, new: int | None) -> None:
+        """Worker ``old`` died and ``new`` took its place: before systemd has heard READY=1,
+        it waits for the new one instead."""
+        if not self.ready:
+            self._workers.discard(old)
+            self._ready.discard(old)
+            if new is not None:
+                self._workers.add(new)
+
     def receive(self) -> None:
         """Handle every datagram waiting on the socket."""
         while True:
@@ -185,7 +194,7 @@ class Supervisor:
                     self._relay.receive()
         return self.worst
 
-    def _start(self, plan: WorkerPlan) -> None:
+    def _start(self, plan: WorkerPlan) -> BaseProcess:
         proc = self._context.Process(
             target=self._target,
             args=(*self._args, plan, os.getpid()),
@@ -195,6 +204,7 @@ class Supervisor:
         self._procs[proc.sentinel] = proc
         self._numbers[proc.sentinel] = plan.number
         self._started[plan.number] = time.monotonic()
+        return proc
 
     def _ended(self, sentinel: int) -> None:
         proc, number = self._procs.pop(sentinel), self._numbers.pop(sentinel)
@@ -217,7 +227,9 @@ class Supervisor:
             self._forward(signal.SIGTERM, None)
             return
         log.warning("corral worker died; starting another", worker=proc.name, code=code)
-        self._start(self._plans[number])
+        replacement = self._start(self._plans[number])
+        if self._relay is not None:
+            self._relay.replaced(proc.pid, replacement.pid)
 
     def _forward(self, sig: int, frame: FrameType | None) -> None:
         self.stopping = True

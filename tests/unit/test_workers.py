@@ -51,6 +51,26 @@ def test_ready_once_every_worker_is(tmp_path: Path, systemd: socket.socket) -> N
     relay.close()
 
 
+def test_a_worker_replaced_before_ready_is_waited_for_in_its_place(
+    tmp_path: Path, systemd: socket.socket
+) -> None:
+    """A worker that dies before it is ready is replaced: systemd hears READY=1 once the
+    replacement and the others are ready (not never); after READY=1, replacements change
+    nothing."""
+    relay = NotifyRelay(tmp_path / "notify")
+    relay.expect([101, 102])
+    relay.handle(b"READY=1", 102)
+    relay.replaced(101, 103)
+    relay.handle(b"READY=1", 101)
+    assert heard(systemd) == []
+    relay.handle(b"READY=1", 103)
+    assert heard(systemd) == [b"READY=1"]
+    relay.replaced(102, 104)
+    relay.handle(b"READY=1", 104)
+    assert heard(systemd) == []
+    relay.close()
+
+
 def test_no_ready_after_stopping(tmp_path: Path, systemd: socket.socket) -> None:
     """Told to stop before every worker was ready: systemd hears STOPPING=1 only."""
     relay = NotifyRelay(tmp_path / "notify")
