@@ -42,11 +42,19 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
+    def listen_args(self) -> list[str]:
+        """Where redis-server listens (a subclass may listen with TLS)."""
+        return ["--port", str(self.port)]
+
+    def connect(self) -> socket.socket:
+        """A connection to it, as a client makes it."""
+        return socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
             [
                 self.executable,
-                "--port", str(self.port),
+                *self.listen_args(),
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "no",
@@ -66,7 +74,7 @@ class RedisServer:
     def answers(self) -> bool:
         """AUTH and PING succeed (a raw RESP exchange: no client library involved)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with self.connect() as sock:
                 sock.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
                 reply = b""
                 while b"PONG" not in reply and b"-" not in reply:

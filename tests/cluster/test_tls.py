@@ -12,7 +12,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,58 +54,36 @@ class TlsRedisServer(RedisServer):
     def url(self) -> str:
         return f"rediss://:{self.password}@127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}"
 
-    def start(self) -> TlsRedisServer:
-        assert REDIS_SERVER is not None
-        self.proc = subprocess.Popen(
-            [
-                self.executable,
-                "--port", "0",
-                "--tls-port", str(self.port),
-                "--tls-cert-file", str(self.cert),
-                "--tls-key-file", str(self.key),
-                "--tls-ca-cert-file", str(self.ca),
-                "--tls-auth-clients", "no",
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--requirepass", self.password,
-                "--logfile", "",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not self.answers():
-            if self.proc.poll() is not None:
-                pytest.skip("this redis-server was built without TLS")
-            assert time.monotonic() < deadline, "redis-server did not answer in 10 s"
-            time.sleep(0.01)
-        return self
+    def listen_args(self) -> list[str]:
+        return [
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--tls-cert-file", str(self.cert),
+            "--tls-key-file", str(self.key),
+            "--tls-ca-cert-file", str(self.ca),
+            "--tls-auth-clients", "no",
+        ]  # fmt: skip
 
-    def answers(self) -> bool:
+    def connect(self) -> socket.socket:
         context = ssl.create_default_context(cafile=str(self.ca))
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
         try:
-            with (
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw,
-                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
-            ):
-                sock.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
-                reply = b""
-                while b"PONG" not in reply and b"-" not in reply:
-                    chunk = sock.recv(100)
-                    if not chunk:
-                        return False
-                    reply += chunk
-                return b"+OK\r\n+PONG\r\n" in reply
+            return context.wrap_socket(raw, server_hostname="127.0.0.1")
         except OSError:
-            return False
+            raw.close()
+            raise
 
 
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[TlsRedisServer]:
     if REDIS_SERVER is None or OPENSSL is None:
         pytest.skip("needs redis-server and the openssl command")
-    server = TlsRedisServer(REDIS_SERVER, tmp_path).start()
+    server = TlsRedisServer(REDIS_SERVER, tmp_path)
+    try:
+        server.start()
+    except AssertionError:
+        server.stop()
+        pytest.skip("this redis-server does not serve TLS (built without it)")
     yield server
     server.stop()
 

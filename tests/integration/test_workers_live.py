@@ -4,6 +4,7 @@ worker the kernel picks answers for the whole host."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -77,6 +78,21 @@ def answers(url: str, timeout_s: float = 0.5) -> bool:
         return httpx.get(f"{url}/readyz", timeout=timeout_s).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@contextlib.contextmanager
+def workers_host(
+    tmp_path: Path, short_dir: Path, redis: RedisServer, sim: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``serve --workers 2`` in front of ``sim`` (8 slots), both workers answering; stopped
+    at the end."""
+    env = {"TMPDIR": str(short_dir)}
+    proc, url = serve_workers(tmp_path, redis, sim_backend("gpu0", sim.url, 8), env)
+    try:
+        assert poll(lambda: all(answers(url, 2) for _ in range(8)), 20)
+        yield proc, url
+    finally:
+        stop(proc)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -231,10 +247,7 @@ def test_every_scrape_counts_the_whole_host(
     worker answers it, counts all of them so far (never fewer than the scrape before), and
     all N once they are done."""
     sim = sim_factory(name="a", token_interval_s=0.002, tokens=4, num_parallel=16)
-    env = {"TMPDIR": str(short_dir)}
-    proc, url = serve_workers(tmp_path, redis_server, sim_backend("gpu0", sim.url, 8), env)
-    try:
-        assert poll(lambda: all(answers(url, 2) for _ in range(8)), 20)
+    with workers_host(tmp_path, short_dir, redis_server, sim) as (_, url):
         n = 60
         seen: list[tuple[float, float | None]] = []
         with ThreadPoolExecutor(1) as load:
@@ -252,8 +265,6 @@ def test_every_scrape_counts_the_whole_host(
         assert len(complete) >= len(seen) - 2, seen  # a sibling rarely misses 250 ms
         assert complete == sorted(complete), seen
         assert complete[-10:] == [n] * 10
-    finally:
-        stop(proc)
 
 
 # Stopping ------------------------------------------------------------------------------------
@@ -274,10 +285,7 @@ def test_ctrl_c_reaches_the_process_group_and_every_worker_still_drains(
     KillMode=control-group signals every process of the unit): each worker must drain its
     streams once, not take the parent's forwarded signal as a second Ctrl-C and cut them."""
     sim = sim_factory(name="a", token_interval_s=0.06, tokens=20, num_parallel=16)
-    env = {"TMPDIR": str(short_dir)}
-    proc, url = serve_workers(tmp_path, redis_server, sim_backend("gpu0", sim.url, 8), env)
-    try:
-        assert poll(lambda: all(answers(url, 2) for _ in range(8)), 20)
+    with workers_host(tmp_path, short_dir, redis_server, sim) as (proc, url):
         with ThreadPoolExecutor(8) as pool:
             streams = [pool.submit(stream_to_the_end, url) for _ in range(8)]
             assert poll(lambda: sim.stats()["in_flight"] >= 8, 10)
@@ -287,8 +295,6 @@ def test_ctrl_c_reaches_the_process_group_and_every_worker_still_drains(
             os.killpg(proc.pid, signal.SIGINT)  # as the terminal does
             assert [s.result() for s in streams] == [True] * 8
         assert proc.wait(20) == 0
-    finally:
-        stop(proc)
 
 
 def test_workers_stop_when_the_main_process_is_killed(
@@ -297,18 +303,13 @@ def test_workers_stop_when_the_main_process_is_killed(
     """SIGKILL of the main process (nothing can forward anything) leaves no worker serving
     the port: each one drains and exits on its own."""
     sim = sim_factory(name="a")
-    env = {"TMPDIR": str(short_dir)}
-    proc, url = serve_workers(tmp_path, redis_server, sim_backend("gpu0", sim.url, 8), env)
-    try:
-        assert poll(lambda: all(answers(url, 2) for _ in range(8)), 20)
+    with workers_host(tmp_path, short_dir, redis_server, sim) as (proc, url):
         workers = worker_pids(proc.pid)
         assert len(workers) == 2
         proc.kill()
         proc.wait(5)
         assert poll(lambda: not any(_alive(p) for p in workers), 15)
         assert not answers(url, 0.5)
-    finally:
-        stop(proc)
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -333,17 +334,12 @@ def test_a_worker_that_dies_is_replaced(
     """A worker killed (a crash, the OOM killer) is replaced, as nginx and gunicorn replace
     theirs: the host is back to two workers, and /metrics hears both again."""
     sim = sim_factory(name="a")
-    env = {"TMPDIR": str(short_dir)}
-    proc, url = serve_workers(tmp_path, redis_server, sim_backend("gpu0", sim.url, 8), env)
-    try:
-        assert poll(lambda: all(answers(url, 2) for _ in range(8)), 20)
+    with workers_host(tmp_path, short_dir, redis_server, sim) as (proc, url):
         first = worker_pids(proc.pid)
         os.kill(first[0], signal.SIGKILL)
         assert poll(lambda: len(set(worker_pids(proc.pid)) - {first[0]}) == 2, 20)
         assert poll(lambda: requests_scraped(url) == 2, 20)
         assert proc.poll() is None
-    finally:
-        stop(proc)
     assert proc.returncode == 0
 
 
