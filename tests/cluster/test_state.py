@@ -92,3 +92,33 @@ async def test_bad_kind_or_key_is_refused(cluster_factory: ClusterFactory) -> No
         await a.set_state("Bad Kind", "x", 1)
     with pytest.raises(ValueError, match="key"):
         await a.set_state("drains", "a\nb", 1)
+
+
+async def test_a_redis_that_comes_back_empty_gets_the_state_back(
+    cluster_factory: ClusterFactory, redis_server: RedisServer
+) -> None:
+    """Redis restarted without persistence (a pod restart) holds no state: the replicas do
+    not read that as every registration, drain and owed operation deleted; they write their
+    copy back, so a replica that joins afterwards starts with the fleet's state."""
+    a = await cluster_factory(retry_s=0.1, resync_s=0.3)
+    b = await cluster_factory(retry_s=0.1, resync_s=0.3)
+    deleted: list[tuple[str, str]] = []
+    for replica in (a, b):
+        replica.on_state(lambda kind, key, value: value is None and deleted.append((kind, key)))
+    record = {"id": "gpu9", "url": "http://127.0.0.1:9"}
+    await a.set_state("backends", "gpu9", record)
+    await a.set_state("drains", "gpu0", True)
+    await until(lambda: b.state("drains") == {"gpu0": True}, 1.0)
+    redis_server.stop()
+    redis_server.start()  # empty: --save "" and no append-only file
+    await until(lambda: all(r.link.episodes == 1 and r.up for r in (a, b)), 5.0)
+    for replica in (a, b):
+        assert replica.state("backends") == {"gpu9": record}
+        assert replica.state("drains") == {"gpu0": True}
+    assert deleted == []
+    c = await cluster_factory()
+    assert c.state("backends") == {"gpu9": record}
+    assert c.state("drains") == {"gpu0": True}
+    # A deletion is still a deletion afterwards.
+    await c.set_state("drains", "gpu0", None)
+    await until(lambda: a.state("drains") == {} and b.state("drains") == {}, 1.0)

@@ -10,12 +10,18 @@ news), and never their own replica's writes (the writer applied them already).
 
 While Redis is away, changes apply locally and are remembered; the resync writes them to Redis
 (last writer wins), then re-reads everything.
+
+Redis may come back without the state (restarted without persistence, flushed, replaced). An
+epoch key, set once by whichever replica finds none, tells that apart from deletions: a
+replica that finds another epoch than the one it read the state under writes its own copy
+back instead of taking the loss for "every registration, drain and owed operation deleted".
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +49,7 @@ class ControlState:
         self._replica = replica
         self._cache: dict[str, dict[str, str]] = {}  # kind -> key -> JSON text
         self._pending: dict[tuple[str, str], str | None] = {}  # written while Redis was away
+        self._epoch: str | None = None  # the state's epoch in Redis when last read
         self.version = 0
         self.stale = False  # a gap in the announced versions: re-read soon
         self._callbacks: list[StateCallback] = []
@@ -97,6 +104,16 @@ class ControlState:
         )
         self._advance(int(version))
 
+    async def _epoch_now(self) -> str:
+        """The epoch of the state Redis holds; a new one when it holds none (first come,
+        first set: replicas racing here agree on one)."""
+        redis, key = self._link.redis, self._keys.state_epoch
+        epoch = await self._link.run(redis.get(key))
+        if epoch is None:
+            await self._link.run(redis.set(key, secrets.token_hex(8), nx=True))
+            epoch = await self._link.run(redis.get(key))
+        return decode(epoch)
+
     def _advance(self, version: int) -> None:
         if version > self.version + 1 and self.version:
             self.stale = True  # some announcement went missing
@@ -147,8 +164,19 @@ class ControlState:
             await self.reload()
 
     async def reload(self) -> None:
-        """Write what changed here while Redis was away, then read every kind and tell the
-        callbacks what differs. Raises ClusterUnavailableError."""
+        """Write what changed here while Redis was away (all of this replica's copy when
+        Redis lost the state), then read every kind and tell the callbacks what differs.
+        Raises ClusterUnavailableError."""
+        epoch = await self._epoch_now()
+        if self._epoch is not None and epoch != self._epoch:
+            held = sum(len(keys) for keys in self._cache.values())
+            log.warning(
+                "cluster Redis lost the shared state; writing this replica's copy back",
+                keys=held,
+            )
+            for kind, keys in self._cache.items():
+                for key, value in keys.items():
+                    self._pending.setdefault((kind, key), value)
         for (kind, key), text in list(self._pending.items()):
             await self._write(kind, key, text)
             del self._pending[(kind, key)]
@@ -166,6 +194,7 @@ class ControlState:
             }
         self.version = int(answer[0])
         self.stale = False
+        self._epoch = epoch
         for kind in sorted(fresh.keys() | self._cache.keys()):
             new, old = fresh.get(kind, {}), self._cache.get(kind, {})
             for key in sorted(new.keys() | old.keys()):

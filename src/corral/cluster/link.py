@@ -65,6 +65,7 @@ class Keys:
         self.state_version = f"{name}:state:version"
         self.state_kinds = f"{name}:state:kinds"
         self.state_prefix = f"{name}:state:kind:"
+        self.state_epoch = f"{name}:state:epoch"  # which copy of the state Redis holds
         self.leader = f"{name}:leader"
 
     def slots(self, backend_id: str) -> str:
