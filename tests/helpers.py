@@ -44,6 +44,7 @@ from corral.config import Settings, load_config
 from corral.fleet.backends import BackendState, normalize_model
 from corral.metrics import Metrics
 from corral.sim.cli import sim_command
+from corral.sim.harness import PromptServer
 from corral.upstream import Body
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -108,7 +109,7 @@ class CorralThread:
             log_level="warning",
             proxy_headers=False,  # as corral serve: corral reads forwarding headers itself
         )
-        self.server = uvicorn.Server(config)
+        self.server = PromptServer(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -126,8 +127,12 @@ class CorralThread:
             self._thread.join(0.01)
         return self
 
+    def stop_soon(self) -> None:
+        """Ask it to stop; ``__exit__`` waits for it."""
+        self.server.stop_soon()
+
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
+        self.server.stop_soon()
         self._thread.join(10)
 
     @property
