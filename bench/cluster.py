@@ -108,7 +108,8 @@ async def worker(spec: dict[str, Any]) -> dict[str, Any]:
         runner = asyncio.create_task(cluster.run())
         pair = []
         stop = time.perf_counter() + duration_s
-        contended = phase == "contended"
+        contended = phase in ("contended", "urgent")
+        priority = float(spec.get("priority", 1.0))  # urgent: 2.0 (a more urgent class)
         backend = "shared" if contended else f"gpu{spec['index']}"
         limit = spec["limit"] if contended else 1_000_000
         changed = asyncio.Event()  # a unit freed here or elsewhere: a denied client retries
@@ -117,14 +118,14 @@ async def worker(spec: dict[str, Any]) -> dict[str, Any]:
         async def client() -> None:
             while time.perf_counter() < stop:
                 started = time.perf_counter()
-                lease = await cluster.acquire(backend, limit, want=2, priority=1.0)
+                lease = await cluster.acquire(backend, limit, want=2, priority=priority)
                 while lease is None:  # as a queued request: wait for a unit to free
                     changed.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(changed.wait(), 0.005)
                     if time.perf_counter() >= stop:
                         return
-                    lease = await cluster.acquire(backend, limit, want=2, priority=1.0)
+                    lease = await cluster.acquire(backend, limit, want=2, priority=priority)
                 if contended:
                     await asyncio.sleep(0.001)  # the backend serves for a millisecond
                 await cluster.release(lease)
@@ -132,7 +133,7 @@ async def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 pair.append(time.perf_counter() - started)
 
         if contended:
-            cluster.publish_urgency(1.0)
+            cluster.publish_urgency(priority)
 
         # Start together with the other replicas: at a wall-clock instant.
         await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
@@ -233,6 +234,17 @@ def one_round(url: str, port: int | None, args: argparse.Namespace) -> dict[str,
         scripts = sum(after.get(c, 0) - before.get(c, 0) for c in ("evalsha", "eval"))
         row["c2_scripts_per_pair"] = scripts / max(1, pairs)
         row["c2_commands_per_pair"] = used / max(1, pairs)
+    # Urgent: the same, but one replica's requests are of a more urgent class (priority 2
+    # against 1): its share of the units, and each replica's p50 (wait + the 1 ms held).
+    start_at = time.time() + 1.5
+    spec = {**base, "phase": "urgent", "limit": CONTENDED_LIMIT, "start_at": start_at}
+    procs = [spawn({**spec, "index": i, "priority": 2.0 - i}) for i in range(2)]
+    urgent, normal = (collect(p) for p in procs)
+    pairs = urgent["pairs"] + normal["pairs"]
+    row["u2_pairs_per_s"] = pairs / args.duration
+    row["u2_urgent_share"] = urgent["pairs"] / max(1, pairs)
+    row["u2_urgent_p50_ms"] = urgent["pair_p50_ms"]
+    row["u2_normal_p50_ms"] = normal["pair_p50_ms"]
     return row
 
 
@@ -254,6 +266,10 @@ ROWS = [
     ("c2_share", "contended: the smaller replica's share of the pairs"),
     ("c2_scripts_per_pair", "contended: scripts run per pair (server-counted)"),
     ("c2_commands_per_pair", "contended: Redis commands per pair (server-counted)"),
+    ("u2_pairs_per_s", "urgent (the same, one replica's class more urgent): pairs/s"),
+    ("u2_urgent_share", "urgent: the more urgent replica's share of the pairs"),
+    ("u2_urgent_p50_ms", "urgent: the more urgent replica's pair p50 ms"),
+    ("u2_normal_p50_ms", "urgent: the other replica's pair p50 ms"),
 ]
 
 
