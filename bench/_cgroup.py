@@ -78,11 +78,12 @@ class Budget:
         return 0.0
 
     def close(self) -> None:
-        """Move the processes back to the root group and remove the cgroup."""
+        """Move the processes back to the parent group and remove the cgroup."""
         with contextlib.suppress(OSError):
             for pid in (self.path / "cgroup.procs").read_text().split():
                 with contextlib.suppress(OSError):
                     (self.path.parent / "cgroup.procs").write_text(pid)
+        with contextlib.suppress(OSError):
             self.path.rmdir()
 
     def __enter__(self) -> Budget:
