@@ -182,6 +182,17 @@ def malformed(client: httpx.Client, backend_id: str, reason: str) -> float:
 
 REDIRECT = b"HTTP/1.1 %s\r\nLocation: http://evil.example/\r\nContent-Length: 0\r\n\r\n"
 ROUND_ROBIN = {"strategy": "round_robin", "model_affinity": False, "session_affinity": False}
+# Keep a failing backend in rotation: these tests are about retries, not ejection.
+KEEP_IN = {"consecutive_errors": 100, "error_min_requests": 1000}
+
+
+def beside_good(bad: Hostile, sim_factory: Any, corral_factory: Any, **sections: Any) -> Any:
+    """corral over the hostile backend ``bad`` and a good simulator, ids "bad" and "good"."""
+    good = sim_factory(name="good")
+    return corral_factory(
+        [{"id": "bad", "url": bad.url}, {"id": "good", "url": good.url}], **sections
+    )
+
 
 BAD_HTTP = {
     "bad-status-line": b"HTTP/1.1 abc OK\r\nContent-Length: 2\r\n\r\nhi",
@@ -206,12 +217,7 @@ def test_malformed_http_is_retried_elsewhere_and_counted(
     """Malformed HTTP on routed requests (its probes are fine): every request is answered 200
     by the healthy backend, the bad one is counted as malformed_http, no traceback is logged."""
     bad = hostile(raw)
-    good = sim_factory(name="good")
-    corral = corral_factory(
-        [{"id": "bad", "url": bad.url}, {"id": "good", "url": good.url}],
-        balancer=ROUND_ROBIN,
-        health={"consecutive_errors": 100, "error_min_requests": 1000},
-    )
+    corral = beside_good(bad, sim_factory, corral_factory, balancer=ROUND_ROBIN, health=KEEP_IN)
     with corral.client() as client:
         for _ in range(6):
             r = generate(client)
@@ -229,12 +235,8 @@ def test_malformed_answers_eject_and_probes_do_not_lift_it(
     """A backend that keeps answering garbage is ejected, and stays out although its health
     probes pass (a reachable backend that answers badly is not cured by a good probe)."""
     bad = hostile(BAD_HTTP["garbage"])
-    good = sim_factory(name="good")
-    corral = corral_factory(
-        [{"id": "bad", "url": bad.url}, {"id": "good", "url": good.url}],
-        balancer=ROUND_ROBIN,
-        health={"consecutive_errors": 2, "ejection_s": 30},
-    )
+    health = {"consecutive_errors": 2, "ejection_s": 30}
+    corral = beside_good(bad, sim_factory, corral_factory, balancer=ROUND_ROBIN, health=health)
     with corral.client() as client:
         for _ in range(8):
             assert generate(client).status_code == 200
@@ -253,12 +255,7 @@ def test_redirect_is_retried_elsewhere_without_location(
     """A backend's 302 is never relayed: the request is answered by another backend, no
     Location reaches the client, the redirect is counted."""
     bad = hostile(REDIRECT % b"302 Found")
-    good = sim_factory(name="good")
-    corral = corral_factory(
-        [{"id": "bad", "url": bad.url}, {"id": "good", "url": good.url}],
-        balancer=ROUND_ROBIN,
-        health={"consecutive_errors": 100, "error_min_requests": 1000},
-    )
+    corral = beside_good(bad, sim_factory, corral_factory, balancer=ROUND_ROBIN, health=KEEP_IN)
     with corral.client() as client:
         for _ in range(4):
             r = generate(client)
@@ -338,10 +335,7 @@ def test_huge_error_body_on_a_routed_request_is_bounded(
     and stops reading the bad one."""
     bad = hostile(b"")
     bad.default = bad.endless(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
-    good = sim_factory(name="good")
-    corral = corral_factory(
-        [{"id": "bad", "url": bad.url}, {"id": "good", "url": good.url}], balancer=ROUND_ROBIN
-    )
+    corral = beside_good(bad, sim_factory, corral_factory, balancer=ROUND_ROBIN)
     with corral.client() as client:
         for _ in range(2):
             r = generate(client)
@@ -362,8 +356,7 @@ def test_absurd_listings_do_not_break_the_aggregates(
         api_ps=ok({"models": odd}),
         api_tags=ok({"models": [*odd, OK_TAGS["models"][0]]}),
     )
-    good = sim_factory(name="good")
-    corral = corral_factory([{"id": "bad", "url": bad.url}, {"id": "good", "url": good.url}])
+    corral = beside_good(bad, sim_factory, corral_factory)
     assert poll(lambda: corral.call(lambda: corral.runtime.registry.get("bad").healthy), 5)
     with corral.client() as client:
         r = client.get("/api/version")
