@@ -167,8 +167,7 @@ class Supervisor:
         self._plans = plans
         self._relay = relay
         self._context = multiprocessing.get_context("spawn")
-        self._procs: dict[int, BaseProcess] = {}  # sentinel -> the worker
-        self._numbers: dict[int, int] = {}  # sentinel -> its plan's number
+        self._procs: dict[int, tuple[BaseProcess, WorkerPlan]] = {}  # sentinel -> worker
         self._started: dict[int, float] = {}  # plan number -> when its worker started
         self._quick: dict[int, int] = {}  # plan number -> quick deaths in a row
         self.stopping = False
@@ -177,7 +176,7 @@ class Supervisor:
     def run(self) -> int:
         for plan in self._plans:
             self._start(plan)
-        pids = [p.pid for p in self._procs.values() if p.pid is not None]
+        pids = [p.pid for p, _ in self._procs.values() if p.pid is not None]
         if self._relay is not None:
             self._relay.expect(pids)
         log.info("corral workers started", workers=len(pids), pids=pids)
@@ -201,13 +200,13 @@ class Supervisor:
             name=f"corral-worker-{plan.number}",
         )
         proc.start()
-        self._procs[proc.sentinel] = proc
-        self._numbers[proc.sentinel] = plan.number
+        self._procs[proc.sentinel] = (proc, plan)
         self._started[plan.number] = time.monotonic()
         return proc
 
     def _ended(self, sentinel: int) -> None:
-        proc, number = self._procs.pop(sentinel), self._numbers.pop(sentinel)
+        proc, plan = self._procs.pop(sentinel)
+        number = plan.number
         proc.join()
         code = proc.exitcode or 0
         if self.stopping:
@@ -227,7 +226,7 @@ class Supervisor:
             self._forward(signal.SIGTERM, None)
             return
         log.warning("corral worker died; starting another", worker=proc.name, code=code)
-        replacement = self._start(self._plans[number])
+        replacement = self._start(plan)
         if self._relay is not None:
             self._relay.replaced(proc.pid, replacement.pid)
 
@@ -235,7 +234,7 @@ class Supervisor:
         self.stopping = True
         if self._relay is not None:
             self._relay.stopping()
-        for proc in self._procs.values():
+        for proc, _ in self._procs.values():
             if proc.pid is not None and proc.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, sig)
